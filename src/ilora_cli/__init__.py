@@ -1,0 +1,3 @@
+"""ilora: instance-wise LoRA sequential recommendation with language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,148 @@
+"""Typed configs: dataclass defaults, then a YAML file, then command-line flags, then ``key=value``."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import UserError
+
+C = TypeVar("C")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML-parsed value to the field's annotated type, or raise a UserError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except UserError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}.")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{name} must be a list; got {value!r}.")
+        inner = args[0] if args else Any
+        return [_coerce(name, v, inner) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{name} must be true or false; got {value!r}.")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"{name} must be an integer; got {value!r}.")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"{name} must be an integer; got {value!r}.") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise UserError(f"{name} must be a number; got {value!r}.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} must be a number; got {value!r}.") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{name} must be a string; got {value!r}.")
+        return str(value)
+    if annotation is Path:
+        return Path(str(value))
+    return value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """Turn ``["lr=1e-3", "model=gru4rec"]`` into a dict of YAML-parsed values."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"The override {pair!r} is not of the form key=value.")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_yaml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"The config file {path} is not valid YAML: {str(exc).splitlines()[0]}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"The config file {path} must be a mapping of key: value pairs.")
+    return data
+
+
+def resolve(
+    cls: type[C],
+    config_file: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> C:
+    """Build ``cls`` from its defaults, a YAML file, explicit flags (None = not given) and overrides."""
+    types_ = _field_types(cls)
+    values: dict[str, Any] = {}
+    for source, layer in (
+        ("config file", load_yaml(config_file)),
+        ("flags", {k: v for k, v in (flags or {}).items() if v is not None}),
+        ("overrides", parse_overrides(overrides)),
+    ):
+        unknown = sorted(set(layer) - set(types_))
+        if unknown:
+            raise UserError(
+                f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in the {source}; "
+                f"valid keys are: {', '.join(sorted(types_))}."
+            )
+        for key, value in layer.items():
+            values[key] = _coerce(key, value, types_[key])
+    try:
+        config = cls(**values)
+    except TypeError as exc:
+        raise UserError(f"Incomplete configuration: {exc}.") from None
+    check = getattr(config, "validate", None)
+    if check is not None:
+        check()
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/YAML-friendly dict of a config dataclass."""
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        out[f.name] = str(v) if isinstance(v, Path) else v
+    return out

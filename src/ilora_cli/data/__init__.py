@@ -1,0 +1,1 @@
+"""Data: source formats → one prepared, on-disk dataset that every later command reads."""

@@ -1,0 +1,71 @@
+"""``ilora prepare``: read a source format and write a prepared dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..home import check_name, dataset_dir
+from .formats import FORMATS, loader
+from .prepared import write_prepared
+from .source import MIN_HISTORY
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str = "synthetic"  # name the prepared dataset is stored and found under
+    format: str = "synthetic"  # llara, ml-100k, hetrec-lastfm, steam, interactions, synthetic
+    input: Path | None = None  # source directory or file (format-specific)
+    items: Path | None = None  # interactions format: the items file (item, title[, ...])
+    output: Path | None = None  # write here instead of $ILORA_HOME/datasets/<dataset>
+    overwrite: bool = False  # replace an existing prepared dataset
+    trust_pickle: bool = False  # allow reading the pickled LLaRA files (through a restricted unpickler)
+    download: bool = False  # fetch the official archive when no --input is given
+    url: str | None = None  # download from this address instead of the official one
+    sha256: str | None = None  # expected checksum of the downloaded archive
+    candidates: int = 20  # candidates per evaluation row (the target plus negatives)
+    draws: int = 5  # independent candidate draws per evaluation row
+    seed: int = 42  # seed of the user split, the candidate draws and the synthetic generator
+    min_history: int = MIN_HISTORY  # drop samples with fewer history items
+    max_history: int = 10  # history items kept per sample (raw formats)
+    domain: str | None = None  # prompt template family (music, movies, games, generic); format default if unset
+    # synthetic generator sizes
+    synthetic_users: int = 600  # users in the synthetic dataset
+    synthetic_items: int = 240  # items in the synthetic dataset
+    synthetic_groups: int = 4  # latent user groups, each with its own transition pattern
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise UserError(f"Unknown format {self.format!r}; choose one of: {', '.join(FORMATS)}.")
+        check_name(self.dataset, "dataset name")
+        if self.domain is not None and self.domain not in ("music", "movies", "games", "generic"):
+            raise UserError(f"Unknown domain {self.domain!r}; choose music, movies, games or generic.")
+        if self.max_history < 1:
+            raise UserError("max_history must be at least 1.")
+        if self.min_history < 1:
+            raise UserError("min_history must be at least 1.")
+
+
+def prepare(config: PrepareConfig) -> dict[str, Any]:
+    """Read the source, then write the prepared dataset; returns its meta document plus the path."""
+    out_dir = Path(config.output) if config.output else dataset_dir(config.dataset)
+    if out_dir.exists() and not config.overwrite:
+        raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    source = loader(config.format)(config)
+    if config.domain:
+        source.domain = config.domain
+    source.source.setdefault("format", config.format)
+    meta = write_prepared(
+        source,
+        name=config.dataset,
+        out_dir=out_dir,
+        n_candidates=config.candidates,
+        draws=config.draws,
+        seed=config.seed,
+        min_history=config.min_history,
+        overwrite=config.overwrite,
+    )
+    meta["path"] = str(out_dir)
+    return meta

@@ -1,0 +1,253 @@
+"""The prepared dataset on disk, and the ``prepare`` step that writes it.
+
+Layout of a prepared dataset directory::
+
+    meta.json      item count, padding id, maximum history, source, seed, checksums, tool version
+    items/         HF datasets table: item_id, title, source_id, metadata (JSON text)
+    train/         sample_id, seq (max_history ids, right-padded), len_seq, next, user
+    val/, test/    the same plus candidates: (draws, n_candidates) frozen candidate ids per row
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UserError
+from ..home import atomic_directory, dataset_dir
+from .candidates import draw_candidates
+from .source import MIN_HISTORY, Rows, SourceData, validate_rows
+from .titles import clean_title, disambiguate
+
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SplitData:
+    """One split in memory (numpy arrays)."""
+
+    name: str
+    sample_id: np.ndarray  # (N,)
+    seq: np.ndarray  # (N, max_history), right-padded with pad_id
+    len_seq: np.ndarray  # (N,)
+    next: np.ndarray  # (N,)
+    candidates: np.ndarray | None  # (N, draws, n_candidates) or None for train
+
+    def __len__(self) -> int:
+        return int(self.next.shape[0])
+
+    def histories(self) -> list[list[int]]:
+        return [self.seq[i, : self.len_seq[i]].tolist() for i in range(len(self))]
+
+
+def _sha256_arrays(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _sha256_texts(texts: list[str]) -> str:
+    return hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+
+
+class PreparedDataset:
+    """A prepared dataset directory, read lazily."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise UserError(f"{self.path} is not a prepared dataset (no meta.json); run `ilora prepare` first.")
+        self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
+
+    @classmethod
+    def open(cls, name_or_path: str | Path) -> PreparedDataset:
+        """Open by path, or by name under ``$ILORA_HOME/datasets``."""
+        p = Path(name_or_path)
+        if (p / "meta.json").is_file():
+            return cls(p)
+        if isinstance(name_or_path, str) and "/" not in name_or_path:
+            d = dataset_dir(name_or_path)
+            if (d / "meta.json").is_file():
+                return cls(d)
+            raise UserError(
+                f"No prepared dataset named {name_or_path!r} in {d.parent}; run `ilora prepare --dataset {name_or_path} ...` first."
+            )
+        raise UserError(f"{p} is not a prepared dataset (no meta.json); run `ilora prepare` first.")
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def n_items(self) -> int:
+        return int(self.meta["n_items"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.meta["pad_id"])
+
+    @property
+    def max_history(self) -> int:
+        return int(self.meta["max_history"])
+
+    @property
+    def checksum(self) -> str:
+        return self.meta["checksum"]
+
+    @property
+    def domain(self) -> str:
+        return self.meta.get("domain", "generic")
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @cached_property
+    def titles(self) -> list[str]:
+        from datasets import load_from_disk
+
+        return list(load_from_disk(str(self.path / "items"))["title"])
+
+    def split(self, name: str) -> SplitData:
+        if name not in self.meta["splits"]:
+            raise UserError(
+                f"The dataset {self.name!r} has no {name} split; it has: {', '.join(self.meta['splits'])}."
+            )
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(self.path / name)).with_format("numpy")
+        cols = ds.column_names
+        return SplitData(
+            name=name,
+            sample_id=np.asarray(ds["sample_id"], dtype=np.int64),
+            seq=np.stack(ds["seq"]).astype(np.int64) if len(ds) else np.zeros((0, self.max_history), np.int64),
+            len_seq=np.asarray(ds["len_seq"], dtype=np.int64),
+            next=np.asarray(ds["next"], dtype=np.int64),
+            candidates=(np.stack([np.stack(c) for c in ds["candidates"]]).astype(np.int64) if "candidates" in cols and len(ds) else None),
+        )
+
+
+def history_histogram(len_seq: np.ndarray, max_history: int) -> dict[str, int]:
+    counts = np.bincount(len_seq, minlength=max_history + 1)
+    return {str(k): int(counts[k]) for k in range(len(counts)) if counts[k]}
+
+
+def write_prepared(
+    source: SourceData,
+    name: str,
+    out_dir: Path,
+    n_candidates: int = 20,
+    draws: int = 5,
+    seed: int = 42,
+    min_history: int = MIN_HISTORY,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Filter, draw candidates, and write a prepared dataset atomically. Returns its meta document."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    n_items = len(source.titles)
+    if n_items == 0:
+        raise UserError("The dataset has no items.")
+    if n_candidates < 2:
+        raise UserError("--candidates must be at least 2 (the target and one negative).")
+    if draws < 1:
+        raise UserError("--draws must be at least 1.")
+    pad_id = n_items
+    titles = [clean_title(t) for t in source.titles]
+    if any(not t for t in titles):
+        empty = [i for i, t in enumerate(titles) if not t][:5]
+        raise UserError(f"Items {empty} have empty titles.")
+    titles = disambiguate(titles, source.title_hints)
+
+    kept: dict[str, Rows] = {}
+    raw_counts: dict[str, int] = {}
+    for split in SPLITS:
+        rows = source.splits.get(split)
+        if rows is None:
+            continue
+        max_history = rows.seq.shape[1]
+        validate_rows(rows, n_items, split, pad_id)
+        raw_counts[split] = len(rows)
+        kept[split] = rows.select(rows.len_seq >= min_history)
+    if "train" not in kept or len(kept["train"]) == 0:
+        raise UserError(f"The dataset has no training samples with at least {min_history} history items.")
+    max_history = kept["train"].seq.shape[1]
+
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "n_items": n_items,
+        "n_users": source.n_users,
+        "pad_id": pad_id,
+        "max_history": max_history,
+        "min_history": min_history,
+        "domain": source.domain,
+        "n_candidates": n_candidates,
+        "draws": draws,
+        "seed": seed,
+        "source": source.source,
+        "splits": {s: len(r) for s, r in kept.items()},
+        "raw_rows": raw_counts,
+        "history_lengths": {s: history_histogram(r.len_seq, max_history) for s, r in kept.items()},
+        "tool_version": __version__,
+        "notes": list(source.notes),
+    }
+    checksums = {"items": _sha256_texts(titles)}
+
+    item_features = Features(
+        {"item_id": Value("int64"), "title": Value("string"), "source_id": Value("string"), "metadata": Value("string")}
+    )
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        Dataset.from_dict(
+            {
+                "item_id": list(range(n_items)),
+                "title": titles,
+                "source_id": source.source_ids or [str(i) for i in range(n_items)],
+                "metadata": [json.dumps(m, ensure_ascii=False) for m in source.metadata]
+                if source.metadata
+                else ["{}"] * n_items,
+            },
+            features=item_features,
+        ).save_to_disk(str(tmp / "items"))
+        for split, rows in kept.items():
+            sample_id = np.arange(len(rows), dtype=np.int64)
+            cols: dict[str, Any] = {
+                "sample_id": sample_id,
+                "seq": rows.seq,
+                "len_seq": rows.len_seq,
+                "next": rows.next,
+                "user": rows.user if rows.user is not None else np.full(len(rows), -1, dtype=np.int64),
+            }
+            feats = {
+                "sample_id": Value("int64"),
+                "seq": Sequence(Value("int64"), length=max_history),
+                "len_seq": Value("int64"),
+                "next": Value("int64"),
+                "user": Value("int64"),
+            }
+            parts = [rows.seq, rows.len_seq, rows.next]
+            if split != "train":
+                cands = draw_candidates(
+                    rows.seq, rows.len_seq, rows.next, sample_id, n_items, n_candidates, draws, seed, split
+                )
+                cols["candidates"] = cands
+                feats["candidates"] = Sequence(Sequence(Value("int64"), length=n_candidates), length=draws)
+                parts.append(cands)
+            checksums[split] = _sha256_arrays(*parts)
+            Dataset.from_dict(cols, features=Features(feats)).save_to_disk(str(tmp / split))
+        meta["checksums"] = checksums
+        meta["checksum"] = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return meta

@@ -1,0 +1,82 @@
+"""Item titles: cleaning (METHOD.md §2) and making duplicates distinguishable."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Sequence
+
+_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
+_ARTICLE = re.compile(r"^(?P<body>.*?),\s*(?P<article>The|A|An|Les|Le|La|L'|Il|Das|Der|Die|El|Los|Las)$")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_title(title: str) -> str:
+    """Normalise whitespace and unicode, and strip control characters."""
+    title = unicodedata.normalize("NFC", title)
+    title = "".join(ch for ch in title if unicodedata.category(ch)[0] != "C" or ch == " ")
+    return _SPACES.sub(" ", title).strip()
+
+
+def split_year(title: str) -> tuple[str, str | None]:
+    """``"Toy Story (1995)"`` → ``("Toy Story", "1995")``; titles without a year are returned unchanged."""
+    m = _YEAR.search(title)
+    if not m:
+        return title, None
+    return title[: m.start()].rstrip(), m.group(1)
+
+
+def movie_title(raw: str) -> tuple[str, str | None]:
+    """Clean a GroupLens movie title: drop the year, move a trailing article to the front.
+
+    ``"Usual Suspects, The (1995)"`` → ``("The Usual Suspects", "1995")``. Titles like ``"unknown"`` or
+    ``"... (V)"`` pass through (the "(V)" marks a video release and is kept: it is part of the name).
+    """
+    title, year = split_year(clean_title(raw))
+    # Alternative titles in brackets: "City of Lost Children, The (Cité des enfants perdus, La)".
+    alt = ""
+    m = re.match(r"^(?P<main>[^()]*?)\s*(?P<alt>\([^()]*\))$", title)
+    if m and not m.group("alt") == "(V)":
+        title, alt = m.group("main"), " " + m.group("alt")
+    m = _ARTICLE.match(title)
+    if m:
+        article = m.group("article")
+        sep = "" if article.endswith("'") else " "
+        title = f"{article}{sep}{m.group('body')}"
+    return (title + alt).strip(), year
+
+
+def disambiguate(titles: Sequence[str], hints: Sequence[str | None] | None = None) -> list[str]:
+    """Make every title unique (case-insensitively), so that a title names exactly one item.
+
+    Duplicates get a suffix: the item's hint in brackets (for example its year) where that makes them
+    unique, else ``#2``, ``#3``, … in id order (the first keeps its plain title).
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, t in enumerate(titles):
+        groups[t.casefold()].append(i)
+    out = list(titles)
+    taken = {t.casefold() for t in titles}
+    for members in groups.values():
+        if len(members) == 1:
+            continue
+        hinted = [hints[i] if hints else None for i in members]
+        if all(hinted) and len({h.casefold() for h in hinted}) == len(members):
+            for i, h in zip(members, hinted):
+                candidate = f"{titles[i]} ({h})"
+                if candidate.casefold() not in taken:
+                    out[i] = candidate
+                    taken.add(candidate.casefold())
+            if all(out[i] != titles[i] for i in members):
+                continue
+        n = 2
+        for i in members[1:]:
+            if out[i] != titles[i]:
+                continue
+            while f"{titles[i]} #{n}".casefold() in taken:
+                n += 1
+            out[i] = f"{titles[i]} #{n}"
+            taken.add(out[i].casefold())
+            n += 1
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from .source import MIN_HISTORY
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "synthetic"  # name the prepared dataset is stored and found under
+    dataset: str | None = None  # name to store it under (default: derived from the format and input)
     format: str = "synthetic"  # llara, ml-100k, hetrec-lastfm, steam, interactions, synthetic
     input: Path | None = None  # source directory or file (format-specific)
     items: Path | None = None  # interactions format: the items file (item, title[, ...])
@@ -39,6 +40,8 @@ class PrepareConfig:
     def validate(self) -> None:
         if self.format not in FORMATS:
             raise UserError(f"Unknown format {self.format!r}; choose one of: {', '.join(FORMATS)}.")
+        if self.dataset is None:
+            self.dataset = default_name(self.format, self.input)
         check_name(self.dataset, "dataset name")
         if self.domain is not None and self.domain not in ("music", "movies", "games", "generic"):
             raise UserError(f"Unknown domain {self.domain!r}; choose music, movies, games or generic.")
@@ -46,6 +49,15 @@ class PrepareConfig:
             raise UserError("max_history must be at least 1.")
         if self.min_history < 1:
             raise UserError("min_history must be at least 1.")
+
+
+def default_name(fmt: str, input: Path | None) -> str:
+    """``synthetic``, ``ml100k``, ``lastfm-hetrec``, ``steam``; llara and interactions use the input's name."""
+    named = {"synthetic": "synthetic", "ml-100k": "ml100k", "hetrec-lastfm": "lastfm-hetrec", "steam": "steam"}
+    if fmt in named:
+        return named[fmt]
+    stem = Path(input).stem if input else fmt
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or fmt
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:

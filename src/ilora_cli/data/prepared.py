@@ -127,15 +127,25 @@ class PreparedDataset:
             )
         from datasets import load_from_disk
 
-        ds = load_from_disk(str(self.path / name)).with_format("numpy")
-        cols = ds.column_names
+        table = load_from_disk(str(self.path / name)).data.table  # pyarrow: columnar, no per-row Python work
+        n = table.num_rows
+
+        def column(col: str, *shape: int) -> np.ndarray:
+            arr = table.column(col).combine_chunks()
+            while hasattr(arr, "flatten"):  # fixed-size lists → flat values
+                arr = arr.flatten()
+            return arr.to_numpy(zero_copy_only=False).astype(np.int64).reshape(n, *shape)
+
+        cands = None
+        if "candidates" in table.column_names:
+            cands = column("candidates", int(self.meta["draws"]), int(self.meta["n_candidates"]))
         return SplitData(
             name=name,
-            sample_id=np.asarray(ds["sample_id"], dtype=np.int64),
-            seq=np.stack(ds["seq"]).astype(np.int64) if len(ds) else np.zeros((0, self.max_history), np.int64),
-            len_seq=np.asarray(ds["len_seq"], dtype=np.int64),
-            next=np.asarray(ds["next"], dtype=np.int64),
-            candidates=(np.stack([np.stack(c) for c in ds["candidates"]]).astype(np.int64) if "candidates" in cols and len(ds) else None),
+            sample_id=column("sample_id"),
+            seq=column("seq", self.max_history),
+            len_seq=column("len_seq"),
+            next=column("next"),
+            candidates=cands,
         )
 
 
@@ -155,7 +165,10 @@ def write_prepared(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Filter, draw candidates, and write a prepared dataset atomically. Returns its meta document."""
+    import datasets
     from datasets import Dataset, Features, Sequence, Value
+
+    datasets.disable_progress_bars()
 
     n_items = len(source.titles)
     if n_items == 0:
@@ -177,10 +190,11 @@ def write_prepared(
         rows = source.splits.get(split)
         if rows is None:
             continue
-        max_history = rows.seq.shape[1]
-        validate_rows(rows, n_items, split, pad_id)
         raw_counts[split] = len(rows)
+        # Validate only what is kept: the published LastFM train file has 976 rows with len_seq 1 and an
+        # all-padding history, which the ≥ min_history filter drops anyway.
         kept[split] = rows.select(rows.len_seq >= min_history)
+        validate_rows(kept[split], n_items, split, pad_id)
     if "train" not in kept or len(kept["train"]) == 0:
         raise UserError(f"The dataset has no training samples with at least {min_history} history items.")
     max_history = kept["train"].seq.shape[1]

@@ -15,7 +15,7 @@ _SPACES = re.compile(r"\s+")
 def clean_title(title: str) -> str:
     """Normalise whitespace and unicode, and strip control characters."""
     title = unicodedata.normalize("NFC", title)
-    title = "".join(ch for ch in title if unicodedata.category(ch)[0] != "C" or ch == " ")
+    title = "".join(" " if ch.isspace() else ch for ch in title if ch.isspace() or unicodedata.category(ch)[0] != "C")
     return _SPACES.sub(" ", title).strip()
 
 

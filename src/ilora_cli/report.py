@@ -1,0 +1,57 @@
+"""Rich tables for what commands report (printed on stderr; ``--json`` documents go to stdout)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from .console import err
+
+SAMPLED_ORDER = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
+
+
+def dataset_table(meta: dict[str, Any]) -> None:
+    """Users, items, rows per split and the history-length distribution of a prepared dataset."""
+    t = Table(title=f"Prepared dataset {meta['name']!r} ({meta['source'].get('format', '?')})")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("items", f"{meta['n_items']:,}")
+    t.add_row("users", "unknown" if meta.get("n_users") is None else f"{meta['n_users']:,}")
+    for split, n in meta["splits"].items():
+        raw = meta.get("raw_rows", {}).get(split, n)
+        t.add_row(f"{split} rows", f"{n:,}" + (f" (of {raw:,}; < {meta['min_history']} history items dropped)" if raw != n else ""))
+    t.add_row("candidates", f"{meta['n_candidates']} per row, {meta['draws']} draws (val/test)")
+    err.print(t)
+    h = Table(title="History length (items) per split")
+    h.add_column("split")
+    lengths = sorted({int(k) for d in meta["history_lengths"].values() for k in d})
+    for n in lengths:
+        h.add_column(str(n), justify="right")
+    for split, dist in meta["history_lengths"].items():
+        h.add_row(split, *[f"{dist.get(str(n), 0):,}" for n in lengths])
+    err.print(h)
+    for note in meta.get("notes", []):
+        err.print(f"[yellow]note:[/] {note}")
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, Any]], protocol: str) -> None:
+    """One row per system/split; sampled metrics as mean ± std over candidate draws."""
+    names = [m for m in SAMPLED_ORDER if any(m in r for r in rows.values())]
+    extra = sorted({k for r in rows.values() for k in r if k not in SAMPLED_ORDER})
+    t = Table(title=f"{title}  [dim]({protocol}; mean ± std over draws)[/]")
+    t.add_column("")
+    for m in names + extra:
+        t.add_column(m, justify="right")
+    for label, r in rows.items():
+        cells = []
+        for m in names + extra:
+            v = r.get(m)
+            if v is None:
+                cells.append("—")
+            elif isinstance(v, dict):
+                cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}" if v.get("n_draws", 1) > 1 else f"{v['mean']:.4f}")
+            else:
+                cells.append(f"{v:.4f}")
+        t.add_row(label, *cells)
+    err.print(t)

@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated $ILORA_HOME and tiny in-process datasets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def ilora_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "ilora-home"
+    monkeypatch.setenv("ILORA_HOME", str(home))
+    return home
+
+
+def run_cli(*args: str, home: Path, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``ilora`` in a subprocess (the real entry point, exit codes and stream separation)."""
+    env = dict(os.environ, ILORA_HOME=str(home), TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, "-m", "ilora_cli.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def cycle_source(n_items: int = 30, n_users: int = 60, length: int = 12, seed: int = 0):
+    """A SourceData where every user walks i → i+1 (mod n_items) from a random start."""
+    from ilora_cli.data.source import SourceData, splits_from_sequences
+
+    rng = np.random.default_rng(seed)
+    seqs = [(rng.integers(n_items) + np.arange(length)) % n_items for _ in range(n_users)]
+    titles = [f"Item {chr(65 + i % 26)}{i}" for i in range(n_items)]
+    return SourceData(titles=titles, splits=splits_from_sequences(seqs, n_items, seed=seed), n_users=n_users)

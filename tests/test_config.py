@@ -1,0 +1,54 @@
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ilora_cli.config import parse_overrides, resolve
+from ilora_cli.errors import UserError
+
+
+@dataclass
+class Cfg:
+    name: str = "a"
+    lr: float = 1e-3
+    epochs: int = 3
+    flag: bool = False
+    path: Path | None = None
+    ks: list[int] | None = None
+
+
+def test_layers_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.5\nepochs: 7\nname: yaml\n")
+    cfg = resolve(Cfg, f, {"epochs": 9, "name": None}, ["name=cli", "flag=true", "ks=[1, 3]"])
+    assert (cfg.lr, cfg.epochs, cfg.name, cfg.flag, cfg.ks) == (0.5, 9, "cli", True, [1, 3])
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    with pytest.raises(UserError, match="Unknown key lrr .*valid keys are: epochs, flag, ks, lr, name, path"):
+        resolve(Cfg, None, {}, ["lrr=1"])
+    f = tmp_path / "c.yaml"
+    f.write_text("bogus: 1\n")
+    with pytest.raises(UserError, match="in the config file"):
+        resolve(Cfg, f)
+
+
+@pytest.mark.parametrize("pair, msg", [("epochs=abc", "integer"), ("flag=maybe", "true or false"), ("noequals", "key=value")])
+def test_bad_values(pair, msg):
+    with pytest.raises(UserError, match=msg):
+        resolve(Cfg, None, {}, [pair])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve(Cfg, tmp_path / "nope.yaml")
+    f = tmp_path / "bad.yaml"
+    f.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        resolve(Cfg, f)
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["a=1", "c=x y", "d="]) == {"a": 1, "c": "x y", "d": ""}
+    # YAML reads "1e-3" as text; the field's type turns it into a number
+    assert resolve(Cfg, None, {}, ["lr=1e-3"]).lr == 1e-3

@@ -33,7 +33,9 @@ def test_unknown_key_lists_valid_ones(tmp_path):
         resolve(Cfg, f)
 
 
-@pytest.mark.parametrize("pair, msg", [("epochs=abc", "integer"), ("flag=maybe", "true or false"), ("noequals", "key=value")])
+@pytest.mark.parametrize(
+    "pair, msg", [("epochs=abc", "integer"), ("flag=maybe", "true or false"), ("noequals", "key=value")]
+)
 def test_bad_values(pair, msg):
     with pytest.raises(UserError, match=msg):
         resolve(Cfg, None, {}, [pair])

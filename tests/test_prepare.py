@@ -9,12 +9,13 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cycle_source, run_cli
 
 from ilora_cli.data.candidates import draw_candidates
 from ilora_cli.data.prepare import PrepareConfig, prepare
 from ilora_cli.data.prepared import PreparedDataset, write_prepared
 from ilora_cli.errors import UserError
+
+from conftest import cycle_source, run_cli
 
 N_ITEMS = 40
 

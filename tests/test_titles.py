@@ -21,7 +21,11 @@ def test_clean_title_whitespace_and_controls():
 
 
 def test_disambiguate_with_and_without_hints():
-    assert disambiguate(["Hamlet", "Hamlet", "Other"], ["1996", "1990", None]) == ["Hamlet (1996)", "Hamlet (1990)", "Other"]
+    assert disambiguate(["Hamlet", "Hamlet", "Other"], ["1996", "1990", None]) == [
+        "Hamlet (1996)",
+        "Hamlet (1990)",
+        "Other",
+    ]
     assert disambiguate(["X", "x", "X"]) == ["X", "x #2", "X #3"]
     # same hints cannot separate them → numbered
     out = disambiguate(["Y", "Y"], ["1999", "1999"])
@@ -29,3 +33,8 @@ def test_disambiguate_with_and_without_hints():
     # a numbered suffix never collides with an existing title
     out = disambiguate(["Z", "Z", "Z #2"])
     assert len({t.casefold() for t in out}) == 3
+
+
+def test_disambiguate_uses_hints_that_are_unique_within_the_group():
+    out = disambiguate(["Cat", "Cat", "Cat"], ["1965", "1997", "1997"])
+    assert out == ["Cat (1965)", "Cat", "Cat #2"]

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -71,7 +71,9 @@ def prepare(
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow reading the pickled LLaRA .df files (restricted unpickler).")
     ] = False,
-    download: Annotated[bool, typer.Option("--download", help="Fetch the official archive when --input is absent.")] = False,
+    download: Annotated[
+        bool, typer.Option("--download", help="Fetch the official archive when --input is absent.")
+    ] = False,
     url: Annotated[str | None, typer.Option(help="Download from this address instead.")] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the downloaded archive.")] = None,
     candidates: Annotated[int | None, typer.Option(help="Candidates per val/test row (target + negatives).")] = None,
@@ -86,16 +88,28 @@ def prepare(
 ) -> None:
     """Turn interactions into a prepared dataset (items, splits, frozen candidate draws, meta.json)."""
     from .config import resolve
-    from .data.prepare import PrepareConfig, prepare as run_prepare
+    from .data.prepare import PrepareConfig
+    from .data.prepare import prepare as run_prepare
     from .report import dataset_table
 
     cfg = resolve(
         PrepareConfig,
         config,
         dict(
-            dataset=dataset, format=format, input=input, items=items, trust_pickle=_flag(trust_pickle),
-            download=_flag(download), url=url, sha256=sha256, candidates=candidates, draws=draws, domain=domain,
-            output=output, overwrite=_flag(overwrite), seed=seed,
+            dataset=dataset,
+            format=format,
+            input=input,
+            items=items,
+            trust_pickle=_flag(trust_pickle),
+            download=_flag(download),
+            url=url,
+            sha256=sha256,
+            candidates=candidates,
+            draws=draws,
+            domain=domain,
+            output=output,
+            overwrite=_flag(overwrite),
+            seed=seed,
         ),
         overrides,
     )
@@ -127,7 +141,9 @@ def prepare(
 def encode(
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset name (or path).")] = None,
     model: Annotated[str | None, typer.Option(help="Encoder: sasrec (default), gru4rec or caser.")] = None,
-    name: Annotated[str | None, typer.Option(help="Name to store the encoder under (default <dataset>-<model>).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Name to store the encoder under (default <dataset>-<model>).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (early stopping on validation).")] = None,
     output: OutputOpt = None,
     overwrite: OverwriteOpt = False,
@@ -138,13 +154,16 @@ def encode(
 ) -> None:
     """Train the collaborative encoder (SASRec, GRU4Rec or Caser) and report its metrics."""
     from .config import resolve
-    from .encoders.train import EncodeConfig, encode as run_encode
+    from .encoders.train import EncodeConfig
+    from .encoders.train import encode as run_encode
     from .report import metrics_table
 
     cfg = resolve(
         EncodeConfig,
         config,
-        dict(dataset=dataset, model=model, name=name, epochs=epochs, output=output, overwrite=_flag(overwrite), seed=seed),
+        dict(
+            dataset=dataset, model=model, name=name, epochs=epochs, output=output, overwrite=_flag(overwrite), seed=seed
+        ),
         overrides,
     )
     result = run_encode(cfg)

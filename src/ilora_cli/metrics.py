@@ -74,7 +74,9 @@ def rank_of_target(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
     return (better + ties).astype(np.int64)
 
 
-def full_ranking_ranks(scores: np.ndarray, target: np.ndarray, exclude: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+def full_ranking_ranks(
+    scores: np.ndarray, target: np.ndarray, exclude: Sequence[Sequence[int]] | None = None
+) -> np.ndarray:
     """Rank of the target among the whole catalogue, with each row's ``exclude`` items (its history) removed.
 
     Args:

@@ -20,7 +20,10 @@ def dataset_table(meta: dict[str, Any]) -> None:
     t.add_row("users", "unknown" if meta.get("n_users") is None else f"{meta['n_users']:,}")
     for split, n in meta["splits"].items():
         raw = meta.get("raw_rows", {}).get(split, n)
-        t.add_row(f"{split} rows", f"{n:,}" + (f" (of {raw:,}; < {meta['min_history']} history items dropped)" if raw != n else ""))
+        t.add_row(
+            f"{split} rows",
+            f"{n:,}" + (f" (of {raw:,}; < {meta['min_history']} history items dropped)" if raw != n else ""),
+        )
     t.add_row("candidates", f"{meta['n_candidates']} per row, {meta['draws']} draws (val/test)")
     err.print(t)
     h = Table(title="History length (items) per split")

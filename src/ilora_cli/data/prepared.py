@@ -82,7 +82,8 @@ class PreparedDataset:
             if (d / "meta.json").is_file():
                 return cls(d)
             raise UserError(
-                f"No prepared dataset named {name_or_path!r} in {d.parent}; run `ilora prepare --dataset {name_or_path} ...` first."
+                f"No prepared dataset named {name_or_path!r} in {d.parent}; "
+                f"run `ilora prepare --dataset {name_or_path} ...` first."
             )
         raise UserError(f"{p} is not a prepared dataset (no meta.json); run `ilora prepare` first.")
 
@@ -122,9 +123,7 @@ class PreparedDataset:
 
     def split(self, name: str) -> SplitData:
         if name not in self.meta["splits"]:
-            raise UserError(
-                f"The dataset {self.name!r} has no {name} split; it has: {', '.join(self.meta['splits'])}."
-            )
+            raise UserError(f"The dataset {self.name!r} has no {name} split; it has: {', '.join(self.meta['splits'])}.")
         from datasets import load_from_disk
 
         table = load_from_disk(str(self.path / name)).data.table  # pyarrow: columnar, no per-row Python work

@@ -45,7 +45,9 @@ class SourceData:
     notes: list[str] = field(default_factory=list)  # things to tell the user (a missing split, ...)
 
 
-def pad_history(histories: list[np.ndarray], pad_id: int, max_history: int = MAX_HISTORY) -> tuple[np.ndarray, np.ndarray]:
+def pad_history(
+    histories: list[np.ndarray], pad_id: int, max_history: int = MAX_HISTORY
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad the last ``max_history`` items of each history: (N, max_history) ids and (N,) lengths."""
     n = len(histories)
     seq = np.full((n, max_history), pad_id, dtype=np.int64)

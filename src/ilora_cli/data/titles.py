@@ -50,8 +50,9 @@ def movie_title(raw: str) -> tuple[str, str | None]:
 def disambiguate(titles: Sequence[str], hints: Sequence[str | None] | None = None) -> list[str]:
     """Make every title unique (case-insensitively), so that a title names exactly one item.
 
-    Duplicates get a suffix: the item's hint in brackets (for example its year) where that makes them
-    unique, else ``#2``, ``#3``, … in id order (the first keeps its plain title).
+    Within a group of equal titles, an item whose hint (for example its year) no other member shares is
+    named ``title (hint)``; the rest are numbered ``#2``, ``#3``, … in id order (the first keeps its
+    plain title when no hinted member did).
     """
     groups: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(titles):
@@ -61,19 +62,22 @@ def disambiguate(titles: Sequence[str], hints: Sequence[str | None] | None = Non
     for members in groups.values():
         if len(members) == 1:
             continue
-        hinted = [hints[i] if hints else None for i in members]
-        if all(hinted) and len({h.casefold() for h in hinted}) == len(members):
-            for i, h in zip(members, hinted):
-                candidate = f"{titles[i]} ({h})"
-                if candidate.casefold() not in taken:
-                    out[i] = candidate
-                    taken.add(candidate.casefold())
-            if all(out[i] != titles[i] for i in members):
-                continue
-        n = 2
-        for i in members[1:]:
-            if out[i] != titles[i]:
-                continue
+        hint_of = {i: (hints[i] if hints else None) for i in members}
+        counts = defaultdict(int)
+        for h in hint_of.values():
+            if h:
+                counts[h.casefold()] += 1
+        rest = []
+        for i in members:
+            h = hint_of[i]
+            candidate = f"{titles[i]} ({h})" if h and counts[h.casefold()] == 1 else None
+            if candidate and candidate.casefold() not in taken:
+                out[i] = candidate
+                taken.add(candidate.casefold())
+            else:
+                rest.append(i)
+        n = 2  # the first of the rest keeps the plain title
+        for i in rest[1:]:
             while f"{titles[i]} #{n}".casefold() in taken:
                 n += 1
             out[i] = f"{titles[i]} #{n}"

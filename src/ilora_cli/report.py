@@ -41,7 +41,9 @@ def dataset_table(meta: dict[str, Any]) -> None:
 def metrics_table(title: str, rows: dict[str, dict[str, Any]], protocol: str) -> None:
     """One row per system/split; sampled metrics as mean ± std over candidate draws."""
     names = [m for m in SAMPLED_ORDER if any(m in r for r in rows.values())]
-    extra = sorted({k for r in rows.values() for k in r if k not in SAMPLED_ORDER})
+    extra = sorted(
+        {k for r in rows.values() for k, v in r.items() if k not in SAMPLED_ORDER and isinstance(v, (dict, float, int))}
+    )
     t = Table(title=f"{title}  [dim]({protocol}; mean ± std over draws)[/]")
     t.add_column("")
     for m in names + extra:

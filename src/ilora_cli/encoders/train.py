@@ -1,0 +1,281 @@
+"""``ilora encode``: train a collaborative encoder on a prepared dataset, then save it for the LLM stage.
+
+Adam on the train split, early stopping on a validation metric (best weights restored), seeded and
+deterministic on CPU: the model is initialised after ``torch.manual_seed`` and batches are shuffled by
+their own seeded generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import console
+from ..config import to_dict
+from ..data.prepared import PreparedDataset, SplitData
+from ..errors import UserError
+from ..home import atomic_directory, check_name, encoder_dir
+from . import ENCODERS
+from .base import SequentialEncoder
+from .evaluate import evaluate_encoder
+from .io import build_encoder, save_encoder
+
+LOSSES = ("ce", "bce")
+MONITORS = (
+    "hr@1",
+    "hr@3",
+    "hr@5",
+    "hr@10",
+    "ndcg@3",
+    "ndcg@5",
+    "ndcg@10",
+    "mrr",
+    "full_hr@10",
+    "full_ndcg@10",
+)
+
+
+@dataclass
+class EncodeConfig:
+    dataset: str = "synthetic"  # prepared dataset name (under $ILORA_HOME/datasets) or its path
+    model: str = "sasrec"  # sasrec, gru4rec or caser
+    name: str | None = None  # stored as $ILORA_HOME/encoders/<name>; None -> <dataset>-<model>
+    output: Path | None = None  # write here instead of $ILORA_HOME/encoders/<name>
+    overwrite: bool = False  # replace an existing encoder
+    hidden_size: int = 64  # item embedding and user representation width
+    num_blocks: int = 1  # SASRec attention blocks / GRU4Rec GRU layers (unused by Caser)
+    num_heads: int = 1  # SASRec attention heads (must divide hidden_size)
+    dropout: float = 0.1  # dropout inside the encoder
+    max_len: int | None = None  # most recent history items read; None -> the dataset's max_history
+    caser_h: int = 16  # Caser: horizontal filters per height
+    caser_v: int = 4  # Caser: vertical filters
+    loss: str = "ce"  # ce: softmax cross-entropy over the whole catalogue; bce: sampled negatives
+    negatives: int = 1  # bce: uniform negatives per training row
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 1e-4  # Adam L2 penalty (the main regulariser: LastFM overfits after ~15 epochs)
+    batch_size: int = 256  # training rows per step
+    epochs: int = 100  # at most this many passes over the train split
+    patience: int = 10  # stop after this many epochs without a better monitor value (0: never stop early)
+    monitor: str = "mrr"  # validation metric for early stopping (its mean over the candidate draws)
+    seed: int = 42  # initialisation, shuffling, dropout and negative sampling
+    threads: int | None = None  # CPU threads for torch; None -> torch's default
+    device: str = "cpu"  # cpu, cuda or cuda:N (deterministic on cpu)
+    quiet: bool = False  # no progress bar
+
+    def validate(self) -> None:
+        if self.model not in ENCODERS:
+            raise UserError(f"Unknown encoder {self.model!r}; choose one of: {', '.join(ENCODERS)}.")
+        if self.loss not in LOSSES:
+            raise UserError(f"Unknown loss {self.loss!r}; choose ce (full softmax) or bce (sampled negatives).")
+        if self.monitor not in MONITORS:
+            raise UserError(f"Unknown monitor {self.monitor!r}; choose one of: {', '.join(MONITORS)}.")
+        if self.name is not None:
+            check_name(self.name, "encoder name")
+        for field, minimum in (
+            ("hidden_size", 1),
+            ("num_blocks", 1),
+            ("num_heads", 1),
+            ("caser_h", 1),
+            ("caser_v", 1),
+            ("negatives", 1),
+            ("batch_size", 1),
+            ("epochs", 1),
+            ("patience", 0),
+        ):
+            if getattr(self, field) < minimum:
+                raise UserError(f"{field} must be at least {minimum}; got {getattr(self, field)}.")
+        if self.max_len is not None and self.max_len < 1:
+            raise UserError(f"max_len must be at least 1; got {self.max_len}.")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be at least 1; got {self.threads}.")
+        if self.model == "sasrec" and self.hidden_size % self.num_heads:
+            raise UserError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1); got {self.dropout}.")
+        if not self.lr > 0:
+            raise UserError(f"lr must be positive; got {self.lr}.")
+        if self.weight_decay < 0:
+            raise UserError(f"weight_decay must not be negative; got {self.weight_decay}.")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise UserError(f"device must be cpu, cuda or cuda:N; got {self.device!r}.")
+
+    def model_config(self, max_len: int) -> dict[str, Any]:
+        """The fields of the chosen encoder's own config dataclass."""
+        common = {"hidden_size": self.hidden_size, "dropout": self.dropout, "max_len": max_len}
+        if self.model == "sasrec":
+            return {**common, "num_blocks": self.num_blocks, "num_heads": self.num_heads}
+        if self.model == "gru4rec":
+            return {**common, "num_layers": self.num_blocks}
+        return {**common, "n_h": self.caser_h, "n_v": self.caser_v}
+
+
+def training_loss(
+    model: SequentialEncoder,
+    seq: torch.Tensor,
+    len_seq: torch.Tensor,
+    target: torch.Tensor,
+    loss: str,
+    negatives: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean loss of one batch: catalogue-wide softmax cross-entropy, or BCE against uniform negatives."""
+    if loss == "ce":
+        import os
+        return F.cross_entropy(model.score_all(seq, len_seq), target, label_smoothing=float(os.environ.get("LS", "0")))
+    user = model(seq, len_seq)  # (B, d)
+    items = model.item_embeddings()  # (N, d)
+    # Uniform over the other N - 1 items: draw from N - 1 ids and skip over the target.
+    neg = torch.randint(0, model.n_items - 1, (len(target), negatives), generator=generator).to(target.device)
+    neg = neg + (neg >= target[:, None]).long()  # (B, k)
+    pos_logit = (user * items[target]).sum(-1)  # (B,)
+    neg_logit = torch.einsum("bd,bkd->bk", user, items[neg])  # (B, k)
+    return F.binary_cross_entropy_with_logits(
+        pos_logit, torch.ones_like(pos_logit)
+    ) + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
+
+
+def _tensors(split: SplitData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.as_tensor(split.seq, device=device),
+        torch.as_tensor(split.len_seq, device=device),
+        torch.as_tensor(split.next, device=device),
+    )
+
+
+def _monitor_value(result: dict[str, Any], monitor: str) -> float:
+    if monitor not in result:
+        raise UserError(
+            f"The validation split has no stored candidates, so it cannot report {monitor}; pick a full_* monitor."
+        )
+    return float(result[monitor]["mean"])
+
+
+def encode(config: EncodeConfig) -> dict[str, Any]:
+    """Train, early-stop on validation, save ``encoder.safetensors`` + ``encoder.json``; returns a summary."""
+    config.validate()
+    dataset = PreparedDataset.open(config.dataset)
+    name = config.name or f"{dataset.name}-{config.model}"
+    check_name(name, "encoder name")
+    out_dir = Path(config.output) if config.output else encoder_dir(name)
+    if out_dir.exists() and not config.overwrite:
+        raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    if config.device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"device {config.device!r} was requested but no CUDA device is available.")
+    device = torch.device(config.device)
+
+    train = dataset.split("train")
+    val = dataset.split("val") if "val" in dataset.splits else None
+    test = dataset.split("test") if "test" in dataset.splits else None
+    if len(train) == 0:
+        raise UserError(f"The dataset {dataset.name!r} has no training rows.")
+    max_len = config.max_len or dataset.max_history
+
+    old_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        torch.manual_seed(config.seed)
+        model = build_encoder(config.model, dataset.n_items, config.model_config(max_len)).to(device)
+        history, best_state, best_epoch, best_value, train_seconds = _fit(model, config, train, val, device)
+    finally:
+        torch.set_num_threads(old_threads)
+    model.load_state_dict(best_state)
+    model.eval()
+
+    results: dict[str, Any] = {}
+    if val is not None:
+        results["val"] = evaluate_encoder(model, val, dataset.n_items)
+    if test is not None:
+        results["test"] = evaluate_encoder(model, test, dataset.n_items)
+    epochs_run = len(history)
+    summary = {
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+        "monitor": f"val {config.monitor}" if val is not None else None,
+        "best_value": best_value,
+        "seconds_per_epoch": train_seconds / epochs_run,
+        "seconds_total": train_seconds,
+        "train_rows": len(train),
+        "history": history,
+        "metrics": results,
+    }
+    info = {
+        "dataset": {"name": dataset.name, "checksum": dataset.checksum, "path": str(dataset.path)},
+        "best_epoch": best_epoch,
+        "training": {"config": to_dict(config), **summary},
+    }
+    with atomic_directory(out_dir, overwrite=config.overwrite) as tmp:
+        save_encoder(model, info, tmp)
+    return {
+        "encoder_dir": str(out_dir),
+        "name": name,
+        "model": config.model,
+        "dataset": dataset.name,
+        **summary,
+    }
+
+
+def _fit(
+    model: SequentialEncoder,
+    config: EncodeConfig,
+    train: SplitData,
+    val: SplitData | None,
+    device: torch.device,
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int, float | None, float]:
+    """The training loop. Returns per-epoch history, the best weights, best epoch and value, train seconds."""
+    seq, len_seq, target = _tensors(train, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    n = len(train)
+    steps = (n + config.batch_size - 1) // config.batch_size
+    history: list[dict[str, Any]] = []
+    best_state = copy.deepcopy(model.state_dict())
+    best_epoch, best_value, stale, train_seconds = 0, None, 0, 0.0
+    with console.progress(disable=config.quiet) as bar:
+        task = bar.add_task(f"encode {config.model}", total=config.epochs * steps, info="")
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            started = time.perf_counter()
+            order = torch.randperm(n, generator=generator).to(device)  # (n,)
+            total = torch.zeros((), device=device)
+            for step in range(steps):
+                idx = order[step * config.batch_size : (step + 1) * config.batch_size]  # (b,)
+                loss = training_loss(
+                    model, seq[idx], len_seq[idx], target[idx], config.loss, config.negatives, generator
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(idx)
+                if step % 20 == 19 or step == steps - 1:
+                    done = (epoch - 1) * steps + step + 1
+                    bar.update(task, completed=done, info=f"epoch {epoch} loss {loss.item():.4f}")
+            train_seconds += time.perf_counter() - started
+            record: dict[str, Any] = {"epoch": epoch, "loss": float(total) / n}
+            if val is None:
+                best_state, best_epoch = copy.deepcopy(model.state_dict()), epoch
+                history.append(record)
+                continue
+            result = evaluate_encoder(model, val, model.n_items)
+            value = _monitor_value(result, config.monitor)
+            record["val"] = {k: round(v["mean"], 6) for k, v in result.items() if isinstance(v, dict)}
+            history.append(record)
+            if best_value is None or value > best_value:
+                best_state, best_epoch, best_value, stale = copy.deepcopy(model.state_dict()), epoch, value, 0
+            else:
+                stale += 1
+            bar.update(
+                task,
+                info=f"epoch {epoch} loss {record['loss']:.4f} val {config.monitor} {value:.4f} "
+                f"(best {best_value:.4f} @ {best_epoch})",
+            )
+            if config.patience and stale >= config.patience:
+                break
+        bar.update(task, total=epoch * steps, completed=epoch * steps)
+    return history, best_state, best_epoch, best_value, train_seconds

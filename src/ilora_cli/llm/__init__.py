@@ -1,0 +1,1 @@
+"""The language-model side: backbones, hybrid prompts, instance-wise LoRA experts, scoring."""

@@ -1,0 +1,148 @@
+"""Hybrid prompts (METHOD.md §4): text with ``[HistoryEmb]``/``[CansEmb]`` placeholders after each title.
+
+Our own templates, several paraphrases per domain: one is picked per sample while training (seeded),
+the first is used at evaluation. The text-only variant (TALLRec-style) drops the placeholders. The
+answer is the target's title followed by the end-of-answer token (the tokenizer's EOS), which is
+trained so that generation stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+HISTORY_TOKEN = "[HistoryEmb]"
+CANDIDATE_TOKEN = "[CansEmb]"
+
+_NOUN = {"music": "artist", "movies": "movie", "games": "game", "generic": "item"}
+_VERB = {"music": "listened to", "movies": "watched", "games": "played", "generic": "interacted with"}
+
+# {verb}, {noun}, {history} and {candidates} are filled in; kept short because every token costs time.
+TEMPLATES = (
+    "This user has {verb} {history}. Which {noun} comes next? Candidates: {candidates}. The answer is",
+    "History: {history}. Choose the next {noun} from {candidates}. The answer is",
+    "A user {verb} {history} in that order. Of {candidates}, the next {noun} is",
+    "Given the {noun}s {history}, pick the next one among {candidates}. The answer is",
+)
+
+
+@dataclass
+class PromptBatch:
+    """Token ids of prompts, left- or right-padded, with the items behind each placeholder."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor | None  # (B, T), -100 outside the answer; None without answers
+    history: torch.Tensor  # (B, L) history item ids, right-padded with pad_id
+    history_len: torch.Tensor  # (B,)
+    candidates: torch.Tensor  # (B, C) candidate item ids
+
+    def to(self, device) -> PromptBatch:
+        return PromptBatch(
+            *(t.to(device) if t is not None else None for t in (self.input_ids, self.attention_mask, self.labels)),
+            self.history.to(device),
+            self.history_len.to(device),
+            self.candidates.to(device),
+        )
+
+
+class PromptBuilder:
+    """Turns (history, candidates[, target]) into token ids with exact prompt lengths."""
+
+    def __init__(self, tokenizer, titles: Sequence[str], domain: str = "generic", hybrid: bool = True):
+        self.tokenizer = tokenizer
+        self.hybrid = hybrid
+        self.domain = domain if domain in _NOUN else "generic"
+        # A title that spelled a placeholder would shift every placeholder after it.
+        self.titles = [t.replace(HISTORY_TOKEN, "").replace(CANDIDATE_TOKEN, "").strip() for t in titles]
+        self.history_id = tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
+        self.candidate_id = tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)
+        if hybrid and (self.history_id == tokenizer.unk_token_id or self.candidate_id == tokenizer.unk_token_id):
+            raise ValueError("the tokenizer lacks the placeholder tokens; use add_placeholder_tokens first")
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._answers: dict[int, list[int]] = {}
+
+    def _items(self, items: Sequence[int], token: str) -> str:
+        mark = f" {token}" if self.hybrid else ""
+        return ", ".join(f"{self.titles[i]}{mark}" for i in items)
+
+    def prompt_text(self, history: Sequence[int], candidates: Sequence[int], template: int = 0) -> str:
+        return TEMPLATES[template % len(TEMPLATES)].format(
+            verb=_VERB[self.domain],
+            noun=_NOUN[self.domain],
+            history=self._items(history, HISTORY_TOKEN),
+            candidates=self._items(candidates, CANDIDATE_TOKEN),
+        )
+
+    def prompt_ids(self, history: Sequence[int], candidates: Sequence[int], template: int = 0) -> list[int]:
+        ids = self.tokenizer(self.prompt_text(history, candidates, template), add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if bos is not None and bos != self.eos_id else []) + ids
+
+    def answer_ids(self, item: int) -> list[int]:
+        """`` <title><eos>`` — the continuation after the prompt (cached per item)."""
+        ids = self._answers.get(item)
+        if ids is None:
+            ids = self.tokenizer(" " + self.titles[item], add_special_tokens=False)["input_ids"] + [self.eos_id]
+            self._answers[item] = ids
+        return ids
+
+    def batch(
+        self,
+        histories: Sequence[Sequence[int]],
+        candidates: Sequence[Sequence[int]],
+        targets: Sequence[int] | None = None,
+        templates: Sequence[int] | None = None,
+        pad_id: int = 0,
+        max_history: int = 10,
+        padding_side: str = "right",
+    ) -> PromptBatch:
+        """Prompts (plus answers when ``targets`` is given), padded into one batch.
+
+        Training uses right padding (labels line up with the tokens); prompts that are continued —
+        generation and candidate scoring — use left padding so that every row ends at its last token.
+        """
+        rows, labels = [], []
+        for i, (hist, cands) in enumerate(zip(histories, candidates)):
+            prompt = self.prompt_ids(hist, cands, templates[i] if templates is not None else 0)
+            answer = self.answer_ids(targets[i]) if targets is not None else []
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (r, lb) in enumerate(zip(rows, labels)):
+            span = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
+            ids[i, span] = torch.tensor(r)
+            mask[i, span] = 1
+            lab[i, span] = torch.tensor(lb)
+        hist = torch.full((len(rows), max_history), pad_id, dtype=torch.long)
+        for i, h in enumerate(histories):
+            hist[i, : len(h)] = torch.tensor(list(h)[-max_history:])
+        return PromptBatch(
+            input_ids=ids,
+            attention_mask=mask,
+            labels=lab if targets is not None else None,
+            history=hist,
+            history_len=torch.tensor([min(len(h), max_history) for h in histories]),
+            candidates=torch.tensor([list(c) for c in candidates], dtype=torch.long),
+        )
+
+
+def add_placeholder_tokens(tokenizer, model=None) -> None:
+    """Add ``[HistoryEmb]``/``[CansEmb]`` as special tokens (and grow the model's embeddings to match)."""
+    missing = [t for t in (HISTORY_TOKEN, CANDIDATE_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if model is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        old = model.get_input_embeddings().num_embeddings
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # The new rows are never read as inputs (placeholders are replaced), but an untied or tied output
+        # layer scores them: set them to the mean row, deterministically, so reloads give identical logits.
+        with torch.no_grad():
+            for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
+                emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)

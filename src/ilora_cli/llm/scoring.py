@@ -1,0 +1,52 @@
+"""Candidate scoring on a shared cached prefix: log p(title + end | prompt) for every candidate.
+
+The prompt is encoded once; its key/value cache is repeated for the C candidates and all candidate
+titles are scored in one batched forward — not with C full forwards. Used by the listwise ``rank``
+training objective (with gradients) and by score-mode evaluation (without).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .model import ILoraModel
+from .prompt import PromptBatch, PromptBuilder
+
+
+def pad_answers(builder: PromptBuilder, items: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B*C, La) answer ids (`` title<eos>``), right-padded, and their mask, in row-major (b, c) order."""
+    flat = [builder.answer_ids(int(i)) for row in items for i in row]
+    width = max(len(a) for a in flat)
+    ids = torch.full((len(flat), width), builder.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(flat), width), dtype=torch.long)
+    for k, a in enumerate(flat):
+        ids[k, : len(a)] = torch.tensor(a)
+        mask[k, : len(a)] = 1
+    return ids, mask
+
+
+def candidate_logprobs(
+    model: ILoraModel,
+    builder: PromptBuilder,
+    prefix: PromptBatch,
+    candidates: torch.Tensor,
+    normalize: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (B, C) of each candidate's title after the prompt, and the gates (B, K).
+
+    ``prefix`` must be left-padded (every row ends at its last prompt token) and carry no labels.
+    ``normalize``: ``sum`` of token log-probabilities, or their ``mean`` (length-normalised).
+    ``model`` may be a DDP-wrapped :class:`ILoraModel`: the computation runs inside its ``forward``.
+    """
+    if prefix.labels is not None:
+        raise ValueError("the prefix batch must not contain answers")
+    answers, answer_mask = pad_answers(builder, candidates.tolist())
+    device = prefix.input_ids.device
+    scores, gates = model(prefix, answers=answers.to(device), answer_mask=answer_mask.to(device))  # (B, C)
+    if normalize == "mean":
+        scores = scores / answer_mask.to(device).sum(-1).view_as(scores)
+    elif normalize != "sum":
+        raise ValueError(f"unknown normalisation {normalize!r}")
+    return scores, gates

@@ -1,0 +1,191 @@
+"""The maths of instance-wise LoRA: the fused mixture against plain LoRA and against its definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ilora_cli.encoders.sasrec import SASRec, SASRecConfig
+from ilora_cli.llm.experts import expand_gate, expert_gating, lora_a_modules
+from ilora_cli.llm.model import ExpertConfig, ILoraModel, attach_lora
+from ilora_cli.llm.prompt import PromptBuilder, add_placeholder_tokens
+
+from tiny import tiny_llama, word_tokenizer
+
+N_ITEMS = 12
+TITLES = [f"song {w}" for w in "alpha beta gamma delta omega zeta eta theta iota kappa lambda mu".split()]
+
+
+def _randomise_lora(peft_model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+
+
+def _setup(experts=4, rank=8, gate="user", hybrid=True, dropout=0.0, seed=0):
+    tok = word_tokenizer(TITLES)
+    base = tiny_llama(len(tok) + 2, seed=seed)
+    add_placeholder_tokens(tok, base)
+    torch.manual_seed(seed)
+    encoder = SASRec(SASRecConfig(hidden_size=16), N_ITEMS)
+    cfg = ExpertConfig(experts=experts, rank=rank, alpha=16, dropout=dropout, gate=gate, hybrid=hybrid)
+    llm = attach_lora(base, cfg)
+    _randomise_lora(llm)
+    model = ILoraModel(llm, tok, encoder, cfg).eval()
+    builder = PromptBuilder(tok, TITLES, "music", hybrid=hybrid)
+    return model, builder
+
+
+def _batch(builder, with_targets=True):
+    hist = [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9, 10, 11]]
+    cands = [[3, 4, 5], [0, 1, 2], [1, 2, 3]]
+    targets = [3, 0, 2] if with_targets else None
+    return builder.batch(hist, cands, targets, pad_id=N_ITEMS)
+
+
+def test_expand_gate_shapes_and_beam_repeat():
+    g = torch.tensor([[0.1, 0.9], [0.5, 0.5]])
+    e = expand_gate(g, rank=4, batch=2)
+    assert e.shape == (2, 1, 4)
+    assert torch.allclose(e[0, 0], torch.tensor([0.2, 0.2, 1.8, 1.8]))
+    beams = expand_gate(g, rank=4, batch=6)  # 3 beams per sequence, repeat_interleave order
+    assert torch.equal(beams[:3], e[:1].expand(3, 1, 4)) and torch.equal(beams[3:], e[1:].expand(3, 1, 4))
+    with pytest.raises(RuntimeError):
+        expand_gate(g, rank=4, batch=3)
+
+
+def test_k1_equals_peft_lora_exactly():
+    model, builder = _setup(experts=1, rank=8)
+    batch = _batch(builder)
+    out, gates = model(batch)
+    embeds = model.embed(batch)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    plain = model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
+    assert torch.equal(out.logits, plain)
+    assert torch.equal(gates, torch.ones(3, 1))
+
+
+def test_uniform_gate_equals_plain_lora_of_the_same_total_rank():
+    model, builder = _setup(experts=4, rank=8, gate="uniform")
+    batch = _batch(builder)
+    out, gates = model(batch)
+    assert torch.allclose(gates, torch.full((3, 4), 0.25))
+    embeds = model.embed(batch)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    plain = model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
+    torch.testing.assert_close(out.logits, plain, rtol=1e-5, atol=1e-5)
+    # and the LoRA is really active: without it the logits differ
+    with model.llm.disable_adapter():
+        base = model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
+    assert not torch.allclose(base, plain, atol=1e-3)
+
+
+def test_fused_form_matches_the_expert_sum_definition():
+    """h = W x + s Σ_k g_k B_k A_k x with s = α/(r/K), on one adapted layer."""
+    model, _ = _setup(experts=4, rank=8)
+    layer_name, lora_a = next(iter(lora_a_modules(model.llm).items()))
+    layer = model.llm.get_submodule(layer_name)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, d_in), (d_out, r)
+    x = torch.randn(2, 5, A.shape[1])
+    g = torch.softmax(torch.randn(2, 4), dim=-1)
+    with torch.no_grad(), expert_gating(model.llm, 8, gate=g):
+        fused = layer(x)
+    base = layer.base_layer(x)
+    s = 16 / (8 / 4)  # α / (r/K)
+    expected = base.clone()
+    for k in range(4):
+        blk = slice(2 * k, 2 * k + 2)
+        delta = x @ A[blk].T @ B[:, blk].T  # (2, 5, d_out)
+        expected += s * g[:, k, None, None] * delta
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    # outside the context manager no hook is left behind
+    assert not lora_a._forward_hooks
+
+
+@pytest.mark.parametrize("gate", ["user", "mlp", "prompt", "token"])
+def test_per_sample_gates_batch_equals_one_at_a_time(gate):
+    model, builder = _setup(experts=4, rank=8, gate=gate)
+    hist = [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9, 10, 11]]
+    cands = [[3, 4, 5], [0, 1, 2], [1, 2, 3]]
+    together = builder.batch(hist, cands, [3, 0, 2], pad_id=N_ITEMS, padding_side="left")
+    out, gates = model(together)
+    assert not torch.allclose(gates[0], gates[1]) or gate == "token"
+    for i in range(3):
+        alone = builder.batch(hist[i : i + 1], cands[i : i + 1], [[3, 0, 2][i]], pad_id=N_ITEMS, padding_side="left")
+        o, g = model(alone)
+        n = alone.input_ids.shape[1]
+        torch.testing.assert_close(out.logits[i, -n:], o.logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gates[i], g[0])
+
+
+def test_gradients_reach_lora_projector_gate_and_nothing_frozen():
+    model, builder = _setup(experts=4, rank=8, dropout=0.1)
+    model.train()
+    assert not model.encoder.training  # the encoder stays in eval mode
+    out, _ = model(_batch(builder))
+    out.loss.backward()
+    groups = model.trainable_parameters()
+    assert groups["lora"] and groups["projector"] and groups["gate"]
+    for name, params in groups.items():
+        for p in params:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    trainable = {id(p) for ps in groups.values() for p in ps}
+    for name, p in model.named_parameters():
+        if id(p) not in trainable:
+            assert not p.requires_grad and p.grad is None, name
+    for p in model.encoder.parameters():
+        assert not p.requires_grad and p.grad is None
+
+
+def test_placeholders_are_replaced_exactly():
+    model, builder = _setup()
+    batch = _batch(builder)
+    plain = model.llm.get_input_embeddings()(batch.input_ids)
+    mixed = model.embed(batch)
+    changed = (plain != mixed).any(-1)  # (B, T)
+    placeholder = (batch.input_ids == model.history_id) | (batch.input_ids == model.candidate_id)
+    assert torch.equal(changed, placeholder)
+    # the k-th history placeholder of row 1 carries projector(item_embedding(history[1, k]))
+    rows = torch.nonzero(batch.input_ids[1] == model.history_id, as_tuple=True)[0]
+    with torch.no_grad():
+        want = model.projector(model.encoder.item_embedding(torch.tensor([3, 4, 5, 6, 7])))
+    torch.testing.assert_close(mixed[1, rows], want)
+    cand_pos = torch.nonzero(batch.input_ids[2] == model.candidate_id, as_tuple=True)[0]
+    with torch.no_grad():
+        want = model.projector(model.encoder.item_embedding(torch.tensor([1, 2, 3])))
+    torch.testing.assert_close(mixed[2, cand_pos], want)
+
+
+def test_text_only_prompt_has_no_placeholders_and_no_projector():
+    model, builder = _setup(hybrid=False)
+    batch = _batch(builder)
+    assert model.projector is None
+    assert not ((batch.input_ids == model.history_id) | (batch.input_ids == model.candidate_id)).any()
+    out, _ = model(batch)
+    assert torch.isfinite(out.loss)
+
+
+def test_labels_cover_exactly_the_answer_and_eos():
+    _, builder = _setup()
+    batch = _batch(builder)
+    for i, target in enumerate([3, 0, 2]):
+        answer = builder.answer_ids(target)
+        lab = batch.labels[i][batch.labels[i] != -100].tolist()
+        assert lab == answer and answer[-1] == builder.eos_id
+        prompt = builder.prompt_ids(
+            *[[[0, 1, 2], [3, 4, 5, 6, 7], [8, 9, 10, 11]][i]], [[3, 4, 5], [0, 1, 2], [1, 2, 3]][i]
+        )
+        assert batch.input_ids[i, : len(prompt)].tolist() == prompt
+        assert (batch.labels[i, : len(prompt)] == -100).all()
+
+
+def test_gating_never_depends_on_the_batch():
+    model, builder = _setup(gate="mlp")
+    model.train()  # even in train mode (no batch statistics anywhere)
+    model.llm.eval()
+    b = _batch(builder)
+    _, g_all = model(b)
+    sub = builder.batch([[0, 1, 2]], [[3, 4, 5]], [3], pad_id=N_ITEMS)
+    _, g_one = model(sub)
+    torch.testing.assert_close(g_all[0], g_one[0])

@@ -1,0 +1,59 @@
+"""Candidate scoring on the cached prefix against one full forward per candidate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ilora_cli.llm.scoring import candidate_logprobs
+from test_experts import N_ITEMS, _setup
+
+
+def _naive(model, builder, hist, cands):
+    """Score each candidate with a full forward of prompt + answer (the slow reference)."""
+    out = []
+    for h, cs in zip(hist, cands):
+        row = []
+        for c in cs:
+            b = builder.batch([h], [cs], [c], pad_id=N_ITEMS)
+            o, _ = model(b)
+            logp = torch.log_softmax(o.logits[0, :-1].float(), -1)  # predicts tokens 1..T-1
+            labels = b.labels[0, 1:]
+            keep = labels != -100
+            row.append(logp[keep].gather(1, labels[keep, None]).sum())
+        out.append(torch.stack(row))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("gate,experts", [("user", 4), ("token", 4), ("user", 1)])
+def test_cached_prefix_scores_equal_full_forwards(gate, experts):
+    model, builder = _setup(experts=experts, rank=8, gate=gate)
+    hist = [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9, 10, 11]]
+    cands = [[3, 4, 5, 6], [0, 1, 2, 11], [1, 2, 3, 0]]
+    prefix = builder.batch(hist, cands, pad_id=N_ITEMS, padding_side="left")
+    with torch.no_grad():
+        fast, gates = candidate_logprobs(model, builder, prefix, torch.tensor(cands))
+        slow = _naive(model, builder, hist, cands)
+    assert fast.shape == (3, 4) and gates.shape == (3, experts)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_mean_normalisation_divides_by_answer_length():
+    model, builder = _setup()
+    hist, cands = [[0, 1, 2]], [[3, 4, 5]]
+    prefix = builder.batch(hist, cands, pad_id=N_ITEMS, padding_side="left")
+    with torch.no_grad():
+        s, _ = candidate_logprobs(model, builder, prefix, torch.tensor(cands), "sum")
+        m, _ = candidate_logprobs(model, builder, prefix, torch.tensor(cands), "mean")
+    lengths = torch.tensor([len(builder.answer_ids(c)) for c in cands[0]], dtype=torch.float)
+    torch.testing.assert_close(m[0], s[0] / lengths)
+
+
+def test_scores_have_gradients_for_the_rank_objective():
+    model, builder = _setup()
+    model.train()
+    prefix = builder.batch([[0, 1, 2]], [[3, 4, 5]], pad_id=N_ITEMS, padding_side="left")
+    scores, _ = candidate_logprobs(model, builder, prefix, torch.tensor([[3, 4, 5]]))
+    torch.nn.functional.cross_entropy(scores, torch.tensor([0])).backward()
+    assert all(p.grad is not None for p in model.trainable_parameters()["gate"])
+    assert all(p.grad is not None for p in model.trainable_parameters()["projector"])

@@ -41,3 +41,31 @@ def cycle_source(n_items: int = 30, n_users: int = 60, length: int = 12, seed: i
     seqs = [(rng.integers(n_items) + np.arange(length)) % n_items for _ in range(n_users)]
     titles = [f"Item {chr(65 + i % 26)}{i}" for i in range(n_items)]
     return SourceData(titles=titles, splits=splits_from_sequences(seqs, n_items, seed=seed), n_users=n_users)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A prepared cycle dataset, a trained SASRec and a tiny Llama backbone directory, in one $ILORA_HOME."""
+    from ilora_cli.data.prepared import write_prepared
+    from ilora_cli.encoders.train import EncodeConfig, encode
+
+    from tiny import tiny_llama, word_tokenizer
+
+    home = tmp_path_factory.mktemp("world")
+    old = os.environ.get("ILORA_HOME")
+    os.environ["ILORA_HOME"] = str(home)
+    try:
+        src = cycle_source(n_items=30, n_users=40, length=12)
+        write_prepared(src, "cyc", home / "datasets" / "cyc", n_candidates=6, draws=2, seed=3)
+        encode(EncodeConfig(dataset="cyc", hidden_size=16, epochs=2, quiet=True))
+        tok = word_tokenizer(src.titles)
+        model = tiny_llama(len(tok), seed=0)
+        backbone = home / "tiny-backbone"
+        model.save_pretrained(backbone)
+        tok.save_pretrained(backbone)
+    finally:
+        if old is None:
+            os.environ.pop("ILORA_HOME", None)
+        else:
+            os.environ["ILORA_HOME"] = old
+    return home

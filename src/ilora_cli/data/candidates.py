@@ -40,9 +40,13 @@ def draw_candidates(
             )
         rng = row_rng(seed, split, sample_id[i])
         for d in range(draws):
-            # A random prefix of a permutation, with the excluded ids filtered out, is a uniform subset.
-            pool = rng.choice(n_items, size=min(n_items, n_candidates - 1 + len(excluded)), replace=False)
-            negatives = [x for x in pool.tolist() if x not in excluded][: n_candidates - 1]
-            row = np.array(negatives + [int(target[i])], dtype=np.int64)
-            out[i, d] = rng.permutation(row)
+            out[i, d] = candidate_set(rng, excluded, int(target[i]), n_items, n_candidates)
     return out
+
+
+def candidate_set(rng: np.random.Generator, excluded: set[int], target: int, n_items: int, size: int) -> np.ndarray:
+    """The target and ``size - 1`` uniform negatives outside ``excluded``, shuffled."""
+    # A random prefix of a permutation, with the excluded ids filtered out, is a uniform subset.
+    pool = rng.choice(n_items, size=min(n_items, size - 1 + len(excluded)), replace=False)
+    negatives = [x for x in pool.tolist() if x not in excluded][: size - 1]
+    return rng.permutation(np.array(negatives + [target], dtype=np.int64))

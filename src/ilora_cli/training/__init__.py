@@ -1,0 +1,1 @@
+"""Training iLoRA models: sample construction, the accelerate loop, checkpoints and run directories."""

@@ -1,0 +1,104 @@
+"""Resumable checkpoints in safe formats: tensors in safetensors, everything else in JSON.
+
+A checkpoint directory holds ``trainable.safetensors`` (every trainable parameter by name),
+``optimizer.safetensors`` + ``optimizer.json`` (AdamW moments and parameter groups),
+``state.json`` (step, samples consumed, scheduler state, loss) and ``rng.safetensors`` (torch RNG
+states). Directories are written atomically, so an interrupted save never leaves a broken checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..home import atomic_directory
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def optimizer_to_safe(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def optimizer_from_safe(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    directory: Path,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``directory/step-NNNNNN`` atomically and keep only the newest ``keep`` checkpoints."""
+    target = Path(directory) / f"step-{state['step']:06d}"
+    opt_tensors, opt_meta = optimizer_to_safe(optimizer)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda.{i}"] = s
+    with atomic_directory(target, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta) + "\n")
+        save_file(rng, tmp / "rng.safetensors")
+        full = dict(state, scheduler=scheduler.state_dict())
+        (tmp / "state.json").write_text(json.dumps(full, indent=2, default=_jsonable) + "\n")
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _jsonable(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if callable(obj):
+        return None
+    raise TypeError(type(obj).__name__)
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Everything :func:`save_checkpoint` wrote, as tensors and dicts (nothing applied yet)."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    return {
+        "trainable": load_file(path / "trainable.safetensors"),
+        "optimizer": optimizer_from_safe(
+            load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
+        ),
+        "rng": load_file(path / "rng.safetensors"),
+        "state": state,
+    }
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

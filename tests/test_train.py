@@ -1,0 +1,211 @@
+"""ilora train on a tiny backbone: run directory, reload in a fresh process, exact resume, DDP, 4-bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ilora_cli.training.checkpoint import list_checkpoints
+from ilora_cli.training.loop import TrainConfig, train
+
+from conftest import run_cli
+
+FAST = dict(dataset="cyc", batch_size=4, candidates=6, checkpoint_every=2, quiet=True, seed=5)
+
+
+@pytest.fixture
+def world(tiny_world, monkeypatch):
+    monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    return tiny_world
+
+
+def _cfg(world, **kw):
+    return TrainConfig(backbone=str(world / "tiny-backbone"), **{**FAST, **kw})
+
+
+RELOAD = r"""
+import json, sys, torch
+from ilora_cli.training.run import load_run
+run = load_run(sys.argv[1])
+b = run.builder.batch([[0, 1, 2], [5, 6, 7, 8]], [[3, 4, 9, 10, 11, 12], [9, 1, 2, 3, 4, 5]], [3, 9],
+                      pad_id=run.info["dataset"]["pad_id"])
+with torch.no_grad():
+    out, gates = run.model(b)
+print(json.dumps({"logits": out.logits[:, -3:, :8].tolist(), "gates": gates.tolist()}))
+"""
+
+
+def test_train_writes_a_complete_run_that_reloads_identically(world, tmp_path):
+    result = train(_cfg(world, name="r1", max_steps=3, experts=4))
+    run_dir = world / "runs" / "r1"
+    assert result["run_dir"] == str(run_dir) and result["steps"] == 3 and result["complete"]
+    assert result["train_samples_per_second"] > 0 and result["final_loss"] is not None
+    for name in (
+        "ilora.json",
+        "config.yaml",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "projector.safetensors",
+        "gate.safetensors",
+        "encoder/encoder.safetensors",
+        "items.json",
+        "logs/train.jsonl",
+    ):
+        assert (run_dir / name).exists(), name
+    info = json.loads((run_dir / "ilora.json").read_text())
+    assert info["experts"]["experts"] == 4 and info["dataset"]["name"] == "cyc"
+    log = [json.loads(line) for line in (run_dir / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all("samples_per_second" in r for r in log)
+    # the saved weights are the trained ones
+    ckpt = load_file(list_checkpoints(run_dir / "checkpoints")[-1] / "trainable.safetensors")
+    from ilora_cli.training.run import load_run
+
+    run = load_run(run_dir)
+    params = dict(run.model.named_parameters())
+    for name, value in ckpt.items():
+        assert torch.equal(params[name].detach(), value), name
+    # a fresh process gives identical logits and gates
+    outs = []
+    for _ in range(2):
+        r = subprocess.run(
+            [sys.executable, "-c", RELOAD, str(run_dir)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    b = run.builder.batch(
+        [[0, 1, 2], [5, 6, 7, 8]],
+        [[3, 4, 9, 10, 11, 12], [9, 1, 2, 3, 4, 5]],
+        [3, 9],
+        pad_id=run.info["dataset"]["pad_id"],
+    )
+    with torch.no_grad():
+        out, gates = run.model(b)
+    assert outs[0] == outs[1]
+    assert outs[0]["logits"] == out.logits[:, -3:, :8].tolist()
+    assert outs[0]["gates"] == gates.tolist()
+
+
+def test_resume_continues_exactly(world):
+    full = train(_cfg(world, name="full", max_steps=5, lora_dropout=0.1))
+    part = train(_cfg(world, name="part", max_steps=5, lora_dropout=0.1, stop_after=2))
+    assert part["steps"] == 2 and not part["complete"]
+    assert not (world / "runs" / "part" / "ilora.json").exists()
+    resumed = train(_cfg(world, name="part", max_steps=5, lora_dropout=0.1, resume=True))
+    assert resumed["steps"] == 5 and resumed["resumed_from"].endswith("step-000002")
+    assert resumed["weights_sha256"] == full["weights_sha256"]
+    assert resumed["final_loss"] == full["final_loss"]
+
+
+def test_generate_objective_and_text_prompt(world):
+    r = train(_cfg(world, name="gen", max_steps=2, objective="generate", prompt="text", experts=1))
+    assert r["complete"] and not (world / "runs" / "gen" / "projector.safetensors").exists()
+
+
+def test_existing_run_is_refused_and_bad_config_is_one_sentence(world):
+    train(_cfg(world, name="dup", max_steps=1))
+    with pytest.raises(Exception, match="already exists"):
+        train(_cfg(world, name="dup", max_steps=1))
+    r = run_cli("train", "--dataset", "cyc", "--experts", "3", "--backbone", str(world / "tiny-backbone"), home=world)
+    assert r.returncode == 2 and "multiple of experts" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--dataset", "nope", home=world)
+    assert r.returncode == 2 and "No prepared dataset" in r.stderr
+
+
+def test_cli_train_json_and_resume_after_stop(world):
+    args = [
+        "train",
+        "--dataset",
+        "cyc",
+        "--backbone",
+        str(world / "tiny-backbone"),
+        "--name",
+        "cli",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "candidates=6",
+        "quiet=true",
+    ]
+    r = run_cli(*args, "--stop-after", "1", "--json", home=world)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 1
+    r = run_cli("train", "--name", "cli", "--dataset", "cyc", "--resume", "--json", home=world)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["steps"] == 3 and doc["complete"] and {"run_dir", "final_loss", "train_samples_per_second"} <= set(doc)
+
+
+def test_two_process_ddp_gives_identical_weights(world, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun comes with torch"
+    env = dict(os.environ, ILORA_HOME=str(world), OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "ilora_cli.cli",
+            "train",
+            "--dataset",
+            "cyc",
+            "--backbone",
+            str(world / "tiny-backbone"),
+            "--name",
+            "ddp",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "candidates=6",
+            "quiet=true",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["processes"] == 2  # one JSON document: only the main process prints
+    logs = world / "runs" / "ddp" / "logs"
+    digests = {p.read_text().strip() for p in logs.glob("weights-rank*.sha256")}
+    assert len(list(logs.glob("weights-rank*.sha256"))) == 2 and len(digests) == 1
+    info = json.loads((world / "runs" / "ddp" / "ilora.json").read_text())
+    assert info["training"]["processes"] == 2
+
+
+def test_4bit_backbone_forward_and_backward_on_cpu(world):
+    pytest.importorskip("bitsandbytes")
+    from ilora_cli.encoders.io import load_encoder
+    from ilora_cli.llm.backbone import BackboneSpec, load_backbone, prepare_for_training
+    from ilora_cli.llm.model import ExpertConfig, ILoraModel, attach_lora
+    from ilora_cli.llm.prompt import PromptBuilder
+
+    base, tok = load_backbone(BackboneSpec(str(world / "tiny-backbone"), load_in_4bit=True))
+    assert getattr(base, "is_loaded_in_4bit", False)
+    base = prepare_for_training(base)
+    encoder, _ = load_encoder("cyc-sasrec")
+    cfg = ExpertConfig(experts=2, rank=4)
+    model = ILoraModel(attach_lora(base, cfg), tok, encoder, cfg)
+    q_proj = next(m for n, m in model.llm.named_modules() if n.endswith("q_proj"))
+    assert type(q_proj.base_layer).__name__ == "Linear4bit"
+    builder = PromptBuilder(tok, [f"Item {chr(65 + i % 26)}{i}" for i in range(30)])
+    model.train()
+    out, gates = model(builder.batch([[0, 1, 2]], [[3, 4, 5]], [3], pad_id=30))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in model.trainable_parameters()["lora"])

@@ -182,28 +182,197 @@ def _not_yet(command: str) -> None:
 _LATER = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
 
 
-@app.command(**_LATER)
-def train(ctx: typer.Context) -> None:
-    """Train an iLoRA model (LoRA experts gated per user) on a prepared dataset. [not available yet]"""
-    _not_yet("train")
+@app.command()
+def train(
+    dataset: Annotated[str | None, typer.Option(help="Prepared dataset name (or path).")] = None,
+    experts: Annotated[int | None, typer.Option(help="LoRA experts K (1 = plain LoRA, i.e. LLaRA).")] = None,
+    gate: Annotated[str | None, typer.Option(help="Gate: user (default), mlp, prompt, token, uniform.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="hybrid (item embeddings in the prompt) or text.")] = None,
+    objective: Annotated[str | None, typer.Option(help="rank (listwise over candidates) or generate.")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="HF causal-LM directory or hub id (default: SmolLM2-135M).")
+    ] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Quantize the backbone to NF4 (QLoRA).")] = False,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder name or path (default <dataset>-sasrec).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name under $ILORA_HOME/runs (default <dataset>-k<K>).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training rows.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Exact number of optimisation steps.")] = None,
+    max_train_samples: Annotated[int | None, typer.Option(help="Train on a seeded subset of this many rows.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per process per micro-step.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its newest checkpoint.")] = False,
+    stop_after: Annotated[
+        int | None, typer.Option(help="Stop after this many steps with a checkpoint (continue with --resume).")
+    ] = None,
+    output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    seed: SeedOpt = None,
+    config: ConfigOpt = None,
+    json: JsonOpt = False,
+    overrides: Overrides = None,
+) -> None:
+    """Train an iLoRA model (LoRA experts gated per user) on a prepared dataset.
+
+    Runs on one process, or as DDP under `accelerate launch` / `torchrun` (same command line).
+    """
+    from .config import parse_overrides, resolve
+    from .training.loop import TrainConfig
+    from .training.loop import train as run_train
+
+    flags = dict(
+        dataset=dataset,
+        experts=experts,
+        gate=gate,
+        prompt=prompt,
+        objective=objective,
+        backbone=backbone,
+        load_in_4bit=_flag(load_in_4bit),
+        dtype=dtype,
+        encoder=encoder,
+        name=name,
+        epochs=epochs,
+        max_steps=max_steps,
+        max_train_samples=max_train_samples,
+        batch_size=batch_size,
+        resume=_flag(resume),
+        stop_after=stop_after,
+        output=output,
+        overwrite=_flag(overwrite),
+        seed=seed,
+    )
+    cfg = resolve(TrainConfig, config, flags, overrides)
+    if cfg.resume and config is None:
+        # A resumed run continues with the configuration it was started with, plus what is given now.
+        saved = cfg.run_directory() / "config.yaml"
+        if saved.is_file():
+            cfg = resolve(TrainConfig, saved, flags, overrides)
+            cfg.resume, cfg.overwrite = True, False
+            if stop_after is None and "stop_after" not in parse_overrides(overrides):
+                cfg.stop_after = None  # an earlier --stop-after must not stop the resumed run again
+    result = run_train(cfg)
+    if json and os.environ.get("RANK", "0") == "0":  # under a launcher, only the main process prints
+        from .console import print_json
+
+        print_json(result)
 
 
-@app.command(name="eval", **_LATER)
-def eval_(ctx: typer.Context) -> None:
-    """Evaluate trained runs on the frozen candidate draws. [not available yet]"""
-    _not_yet("eval")
+@app.command(name="eval")
+def eval_(
+    run: Annotated[list[str] | None, typer.Option("--run", help="Run directory or name (repeat for several).")] = None,
+    encoder: Annotated[bool, typer.Option("--encoder", help="Also evaluate the encoder alone.")] = False,
+    dataset: Annotated[str | None, typer.Option(help="Prepared dataset (default: the run's).")] = None,
+    split: Annotated[str | None, typer.Option(help="val or test.")] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="score (rank by log-likelihood) or generate (paper's protocol).")
+    ] = None,
+    candidates: Annotated[
+        str | None, typer.Option(help="stored (frozen draws) or retrieve:N (full catalogue).")
+    ] = None,
+    test_file: Annotated[
+        Path | None, typer.Option(help="A LLaRA-format .df split to score (needs --trust-pickle).")
+    ] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow reading --test-file.")] = False,
+    max_samples: Annotated[int | None, typer.Option(help="Evaluate only the first N rows.")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="Where to write per-sample predictions (JSONL).")] = None,
+    config: ConfigOpt = None,
+    json: JsonOpt = False,
+    overrides: Overrides = None,
+) -> None:
+    """Evaluate trained runs (and the encoder) on the frozen candidate draws: HR@K, NDCG@K, MRR (mean ± std)."""
+    from .config import resolve
+    from .evaluation.evaluate import EvalConfig, evaluate
+    from .report import metrics_table
+
+    cfg = resolve(
+        EvalConfig,
+        config,
+        dict(
+            runs=run or None,
+            encoder=_flag(encoder),
+            dataset=dataset,
+            split=split,
+            mode=mode,
+            candidates=candidates,
+            test_file=test_file,
+            trust_pickle=_flag(trust_pickle),
+            max_samples=max_samples,
+            predictions=predictions,
+        ),
+        overrides,
+    )
+    result = evaluate(cfg)
+    metrics_table(
+        f"{result['split']} ({result['n_rows']} rows, {result['mode']} mode)",
+        {k: v["metrics"] for k, v in result["results"].items()},
+        result["protocol"],
+    )
+    if json:
+        from .console import print_json
+
+        print_json(result)
+
+
+@app.command()
+def recommend(
+    run: Annotated[str | None, typer.Option("--run", help="Run directory or name.")] = None,
+    user_history: Annotated[
+        Path | None, typer.Option(help="JSON list of item ids or titles; JSONL (one list per line) for many users.")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Recommendations per user.")] = None,
+    candidates: Annotated[Path | None, typer.Option(help="JSON list of items to rank (default: retrieval).")] = None,
+    config: ConfigOpt = None,
+    json: JsonOpt = False,
+    overrides: Overrides = None,
+) -> None:
+    """Recommend items for users' histories: the encoder retrieves, the LLM reranks (or ranks given candidates)."""
+    import json as json_lib
+
+    from rich.table import Table
+
+    from .config import resolve
+    from .console import err, print_json
+    from .evaluation.recommend import RecommendConfig, Recommender, read_histories
+
+    cfg = resolve(
+        RecommendConfig, config, dict(run=run, user_history=user_history, top_k=top_k, candidates=candidates), overrides
+    )
+    users, batch = read_histories(cfg.user_history)
+    rec = Recommender(cfg)
+    failed = 0
+    for lineno, user in enumerate(users, 1):
+        try:
+            out = rec.recommend(user)
+        except UserError as exc:
+            if not batch:
+                raise
+            # Batch mode: one output line per input line, errors included; exit 2 at the end.
+            failed += 1
+            err.print(f"[bold red]error:[/] user {lineno}: {exc}")
+            sys.stdout.write(json_lib.dumps({"line": lineno, "error": str(exc)}, ensure_ascii=False) + "\n")
+            continue
+        for note in out["notes"]:
+            err.print(f"[yellow]note:[/] {note}")
+        if batch:
+            sys.stdout.write(json_lib.dumps(out, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+            continue
+        t = Table(title=f"Recommendations ({out['candidates']})")
+        for col in ("rank", "item id", "title", "score"):
+            t.add_column(col, justify="right" if col != "title" else "left")
+        for i, r in enumerate(out["recommendations"], 1):
+            t.add_row(str(i), str(r["item_id"]), r["title"], f"{r['score']:.3f}")
+        err.print(t)
+        err.print("gate: " + "  ".join(f"expert {k}: {g:.3f}" for k, g in enumerate(out["gate"])))
+        if json:
+            print_json(out)
+    if failed:
+        raise typer.Exit(2)
 
 
 @app.command(**_LATER)
 def ablate(ctx: typer.Context) -> None:
     """Run the paper's ablations (experts, gates, encoders, prompts, ...). [not available yet]"""
     _not_yet("ablate")
-
-
-@app.command(**_LATER)
-def recommend(ctx: typer.Context) -> None:
-    """Recommend items for users' histories with a trained run. [not available yet]"""
-    _not_yet("recommend")
 
 
 def main() -> None:

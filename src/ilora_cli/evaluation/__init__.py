@@ -1,0 +1,1 @@
+"""Evaluating trained runs (score, generate, full-catalogue rerank) and recommending for users."""

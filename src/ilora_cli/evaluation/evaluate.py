@@ -1,0 +1,311 @@
+"""``ilora eval``: trained runs (and the encoder alone) on the same frozen candidate draws."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import metrics
+from ..console import err, progress
+from ..data.prepared import PreparedDataset, SplitData
+from ..errors import UserError
+from .llm import generate_answers, match_answer, score_candidates
+
+MODES = ("score", "generate")
+
+
+@dataclass
+class EvalConfig:
+    runs: list[str] = field(default_factory=list)  # run directories or names under $ILORA_HOME/runs
+    encoder: bool = False  # also evaluate the (first run's, or the dataset's default) encoder alone
+    dataset: str | None = None  # prepared dataset (default: the one the first run was trained on)
+    split: str = "val"  # val or test
+    mode: str = "score"  # score (log-likelihood ranking) or generate (the paper's protocol)
+    candidates: str = "stored"  # stored (the frozen draws) or retrieve:N (encoder top-N, LLM rerank)
+    normalize: str = "sum"  # score mode: sum or mean of the title's token log-probabilities
+    batch_size: int = 8  # prompts per forward
+    num_beams: int = 1  # generate mode: beams (1 = greedy)
+    draws: int | None = None  # use only the first N stored draws
+    max_samples: int | None = None  # evaluate only the first N rows (quick checks; reported as such)
+    test_file: Path | None = None  # a LLaRA-format .df split to score instead (needs trust_pickle)
+    trust_pickle: bool = False  # allow reading --test-file (a pandas pickle)
+    predictions: Path | None = None  # JSONL of per-sample predictions (default: in the run directory)
+    device: str = "cpu"  # cpu or cuda
+    quiet: bool = False  # no progress bar
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"Unknown mode {self.mode!r}; choose score or generate.")
+        if self.split not in ("val", "test"):
+            raise UserError(f"Unknown split {self.split!r}; choose val or test.")
+        if self.normalize not in ("sum", "mean"):
+            raise UserError(f"normalize must be sum or mean; got {self.normalize!r}.")
+        if self.candidates != "stored" and not _retrieve_n(self.candidates):
+            raise UserError(f"--candidates must be 'stored' or 'retrieve:N'; got {self.candidates!r}.")
+        if not self.runs and not self.encoder:
+            raise UserError("Nothing to evaluate: pass --run RUN_DIR (several allowed) and/or --encoder.")
+        if self.mode == "generate" and self.candidates != "stored":
+            raise UserError("Generate mode uses the stored candidate draws; drop --candidates retrieve:N.")
+        for name in ("batch_size", "num_beams"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1.")
+
+
+def _retrieve_n(spec: str) -> int | None:
+    if spec.startswith("retrieve:") and spec[9:].isdigit() and int(spec[9:]) >= 1:
+        return int(spec[9:])
+    return None
+
+
+def resolve_run(name_or_path: str) -> Path:
+    from ..home import run_dir
+
+    p = Path(name_or_path)
+    if (p / "ilora.json").is_file():
+        return p
+    if "/" not in name_or_path:
+        d = run_dir(name_or_path)
+        if (d / "ilora.json").is_file():
+            return d
+    raise UserError(f"{name_or_path} is not a finished iLoRA run (no ilora.json).")
+
+
+def load_split(config: EvalConfig, dataset: PreparedDataset) -> SplitData:
+    """The rows to evaluate: a split of the prepared dataset, or an external LLaRA test file."""
+    if config.test_file is None:
+        split = dataset.split(config.split)
+    else:
+        split = _external_split(config, dataset)
+    if split.candidates is None:
+        raise UserError(f"The {split.name} split has no stored candidate draws.")
+    if config.draws is not None:
+        split.candidates = split.candidates[:, : config.draws]
+    if config.max_samples is not None:
+        n = min(config.max_samples, len(split))
+        split = SplitData(
+            split.name, split.sample_id[:n], split.seq[:n], split.len_seq[:n], split.next[:n], split.candidates[:n]
+        )
+    return split
+
+
+def _external_split(config: EvalConfig, dataset: PreparedDataset) -> SplitData:
+    from ..data.candidates import draw_candidates
+    from ..data.formats.llara import _rows
+    from ..data.safe_pickle import load_dataframe
+    from ..data.source import validate_rows
+
+    path = Path(config.test_file)
+    if not path.is_file():
+        raise UserError(f"The test file {path} does not exist.")
+    if not config.trust_pickle:
+        raise UserError(f"{path} is a pandas pickle, which can run code when loaded; pass --trust-pickle to read it.")
+    rows = _rows(load_dataframe(path), path, dataset.max_history)
+    rows = rows.select(rows.len_seq >= dataset.meta.get("min_history", 3))
+    validate_rows(rows, dataset.n_items, "test file", dataset.pad_id)
+    sample_id = np.arange(len(rows))
+    cands = draw_candidates(
+        rows.seq,
+        rows.len_seq,
+        rows.next,
+        sample_id,
+        dataset.n_items,
+        int(dataset.meta["n_candidates"]),
+        int(dataset.meta["draws"]),
+        int(dataset.meta["seed"]),
+        "test",
+    )
+    return SplitData("test-file", sample_id, rows.seq, rows.len_seq, rows.next, cands)
+
+
+def _target_columns(cands: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return (cands == target[:, None]).argmax(axis=1)
+
+
+def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_file: Path | None) -> dict[str, Any]:
+    """One run on one split: metrics (mean ± std over draws) and per-sample predictions."""
+    histories = split.histories()
+    n, draws = len(split), split.candidates.shape[1]
+    retrieve = _retrieve_n(config.candidates)
+    per_draw: list[dict[str, float]] = []
+    lines: list[dict[str, Any]] = []
+    total = n if retrieve else n * draws
+    t0 = time.perf_counter()
+    with progress(disable=config.quiet) as bar:
+        task = bar.add_task(f"{label} ({config.mode})", total=total, info="")
+
+        def tick(k):
+            bar.advance(task, k)
+
+        if retrieve:
+            cands = retrieve_candidates(run.model.encoder, split, retrieve)  # (N, R)
+            scores, gates = score_candidates(run, histories, cands, config.batch_size, config.normalize, tick)
+            ranks = _rerank_ranks(scores, cands, split.next)
+            per_draw.append(metrics.ranking_metrics(ranks, ks=(1, 5, 10), ndcg_ks=(5, 10)))
+            for i in range(n):
+                lines.append(_line(split, i, 0, cands[i], scores[i], gates[i]))
+        for d in range(0 if retrieve else draws):
+            cands = split.candidates[:, d]  # (N, C)
+            if config.mode == "score":
+                scores, gates = score_candidates(run, histories, cands, config.batch_size, config.normalize, tick)
+                ranks = metrics.rank_of_target(scores, _target_columns(cands, split.next))
+                per_draw.append(metrics.ranking_metrics(ranks))
+                for i in range(n):
+                    lines.append(_line(split, i, d, cands[i], scores[i], gates[i]))
+            else:
+                texts, gates = generate_answers(run, histories, cands, config.batch_size, config.num_beams, tick)
+                valid = np.zeros(n, dtype=bool)
+                hits = np.zeros(n, dtype=bool)
+                for i, text in enumerate(texts):
+                    k = match_answer(text, [run.titles[c] for c in cands[i]])
+                    valid[i] = k is not None
+                    hits[i] = k is not None and cands[i, k] == split.next[i]
+                    lines.append(
+                        {
+                            **_line(split, i, d, cands[i], None, gates[i]),
+                            "output": text,
+                            "prediction": int(cands[i, k]) if k is not None else None,
+                            "valid": bool(valid[i]),
+                        }
+                    )
+                per_draw.append(
+                    {
+                        "valid_ratio": metrics.valid_ratio(valid),
+                        "hr@1": float(hits.mean()),  # hits / all samples
+                        "hr@1_valid": float(hits.sum() / max(1, valid.sum())),  # hits / valid outputs (the paper's)
+                    }
+                )
+    seconds = time.perf_counter() - t0
+    if pred_file is not None:
+        pred_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pred_file.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(json.dumps(line) + "\n")
+        tmp.replace(pred_file)
+    return {
+        "metrics": metrics.aggregate(per_draw),
+        "seconds": round(seconds, 3),
+        "predictions": str(pred_file) if pred_file else None,
+    }
+
+
+def _line(split: SplitData, i: int, draw: int, cands, scores, gates) -> dict[str, Any]:
+    line = {
+        "sample_id": int(split.sample_id[i]),
+        "draw": draw,
+        "candidates": [int(c) for c in cands],
+        "target": int(split.next[i]),
+        "gate": [round(float(g), 6) for g in gates],
+    }
+    if scores is not None:
+        line["scores"] = [round(float(s), 5) for s in scores]
+        line["prediction"] = int(cands[int(np.argmax(scores))])
+    return line
+
+
+def retrieve_candidates(encoder, split: SplitData, n: int, batch_size: int = 1024) -> np.ndarray:
+    """(N, n) the encoder's top-n items of the whole catalogue for each row, history excluded."""
+    import torch
+
+    device = next(encoder.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(split), batch_size):
+            seq = torch.as_tensor(split.seq[start : start + batch_size], device=device)
+            lens = torch.as_tensor(split.len_seq[start : start + batch_size], device=device)
+            scores = encoder.score_all(seq, lens).float()  # (b, n_items)
+            # one spare column takes the padding id (= n_items); history items get -inf
+            scores = torch.cat([scores, scores.new_zeros(len(seq), 1)], dim=1)  # (b, n_items + 1)
+            scores.scatter_(1, seq, float("-inf"))
+            out.append(scores[:, :-1].topk(n, dim=1).indices.cpu().numpy())
+    return np.concatenate(out)
+
+
+def _rerank_ranks(scores: np.ndarray, cands: np.ndarray, target: np.ndarray) -> np.ndarray:
+    present = (cands == target[:, None]).any(axis=1)
+    ranks = metrics.rank_of_target(scores, _target_columns(cands, target))
+    return np.where(present, ranks, metrics.MISSING)
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate every run (and optionally the encoder) on the same rows and candidates."""
+    from ..training.run import load_run, read_info
+
+    run_dirs = [resolve_run(r) for r in config.runs]
+    infos = [read_info(d) for d in run_dirs]
+    dataset_name = config.dataset or (infos[0]["dataset"]["name"] if infos else None)
+    if dataset_name is None:
+        raise UserError("Pass --dataset to evaluate the encoder alone.")
+    dataset = PreparedDataset.open(dataset_name)
+    for d, info in zip(run_dirs, infos):
+        if info["dataset"]["checksum"] != dataset.checksum:
+            raise UserError(
+                f"The run {d} was trained on a different dataset ({info['dataset']['name']!r}) "
+                f"than {dataset.name!r}; evaluate it on its own dataset."
+            )
+    split = load_split(config, dataset)
+    retrieve = _retrieve_n(config.candidates)
+    protocol = (
+        f"full ranking, encoder top-{retrieve} reranked" if retrieve else metrics.label(split.candidates.shape[2])
+    )
+    results: dict[str, dict[str, Any]] = {}
+    encoder = None
+    for d in run_dirs:
+        err.print(f"Loading run {d} ...")
+        run = load_run(d, device=config.device)
+        encoder = encoder or run.model.encoder
+        suffix = f"{split.name}-{config.mode}" + (f"-retrieve{retrieve}" if retrieve else "")
+        pred = (
+            Path(config.predictions)
+            if config.predictions and len(run_dirs) == 1
+            else (
+                Path(config.predictions) / f"{d.name}-{suffix}.jsonl"
+                if config.predictions
+                else d / f"predictions-{suffix}.jsonl"
+            )
+        )
+        results[d.name] = evaluate_run(run, split, config, d.name, pred)
+        del run
+    if config.encoder:
+        results["encoder"] = {"metrics": _encoder_metrics(config, dataset, split, encoder, retrieve)}
+    first = next(iter(results.values()))
+    return {
+        "mode": config.mode if not retrieve else "score",
+        "split": split.name,
+        "protocol": protocol,
+        "n_rows": len(split),
+        "draws": 1 if retrieve else int(split.candidates.shape[1]),
+        "normalize": config.normalize if config.mode == "score" else None,
+        "metrics": first["metrics"],
+        "results": results,
+    }
+
+
+def _encoder_metrics(config, dataset, split, encoder, retrieve) -> dict[str, Any]:
+    from ..encoders.evaluate import split_ranks
+    from ..encoders.io import check_compatible, load_encoder
+
+    if encoder is None:
+        encoder, info = load_encoder(f"{dataset.name}-sasrec")
+        check_compatible(info, dataset)
+    sampled, full = split_ranks(encoder, split, dataset.n_items)
+    if retrieve:
+        ranks = np.where(full < retrieve, full, metrics.MISSING)  # the encoder's own order of its top-N
+        return metrics.aggregate([metrics.ranking_metrics(ranks, ks=(1, 5, 10), ndcg_ks=(5, 10))])
+    if config.mode == "generate":
+        return metrics.aggregate(
+            [
+                {
+                    "valid_ratio": 1.0,
+                    "hr@1": metrics.hit_ratio(sampled[:, d], 1),
+                    "hr@1_valid": metrics.hit_ratio(sampled[:, d], 1),
+                }
+                for d in range(sampled.shape[1])
+            ]
+        )
+    return metrics.aggregate([metrics.ranking_metrics(sampled[:, d]) for d in range(sampled.shape[1])])

@@ -1,0 +1,162 @@
+"""``ilora recommend``: rank items for users' histories with a trained run."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+
+@dataclass
+class RecommendConfig:
+    run: str = ""  # run directory or name under $ILORA_HOME/runs
+    user_history: Path | None = None  # JSON list of ids/titles, or JSONL of such lists (batch mode)
+    candidates: Path | None = None  # JSON list of ids/titles to rank (default: encoder retrieval)
+    top_k: int = 10  # recommendations per user
+    retrieve: int = 20  # without --candidates: the encoder's top-N of the catalogue, reranked by the LLM
+    normalize: str = "sum"  # sum or mean of the title's token log-probabilities
+    device: str = "cpu"  # cpu or cuda
+
+    def validate(self) -> None:
+        if not self.run:
+            raise UserError("Pass --run RUN_DIR (a trained run).")
+        if self.user_history is None:
+            raise UserError("Pass --user-history FILE.json (a list of item ids or titles).")
+        if self.top_k < 1 or self.retrieve < 1:
+            raise UserError("--top-k and retrieve must be at least 1.")
+
+
+class ItemResolver:
+    """Item ids or titles → ids: exact title first, then case-insensitive; clear errors otherwise."""
+
+    def __init__(self, titles: list[str]):
+        self.titles = titles
+        self.exact = {t: i for i, t in enumerate(titles)}
+        self.folded: dict[str, list[int]] = {}
+        for i, t in enumerate(titles):
+            self.folded.setdefault(t.casefold(), []).append(i)
+
+    def __call__(self, entry: Any) -> int:
+        if isinstance(entry, dict):
+            if "item_id" in entry or "id" in entry:
+                entry = entry.get("item_id", entry.get("id"))
+            elif "title" in entry:
+                entry = entry["title"]
+            else:
+                raise UserError(f"The history entry {json.dumps(entry)} has neither an item_id nor a title.")
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            raise UserError(f"The history entry {json.dumps(entry)} is neither an item id nor a title.")
+        if isinstance(entry, int):
+            if not 0 <= entry < len(self.titles):
+                raise UserError(f"Unknown item id {entry}: ids run from 0 to {len(self.titles) - 1}.")
+            return entry
+        if entry in self.exact:
+            return self.exact[entry]
+        hits = self.folded.get(entry.casefold(), [])
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            names = ", ".join(f"{self.titles[i]!r} (id {i})" for i in hits)
+            raise UserError(f"The title {entry!r} is ambiguous: it matches {names}; use an item id.")
+        close = difflib.get_close_matches(entry, self.titles, n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+        raise UserError(f"Unknown title {entry!r}{hint}.")
+
+
+def read_histories(path: Path) -> tuple[list[list[Any]], bool]:
+    """A JSON list (one user) or a JSONL file (one list per line: batch mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The history file {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text.") from None
+    try:
+        doc = json.loads(text)
+        users, batch = [doc], False
+    except json.JSONDecodeError:
+        users, batch = [], True
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                users.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} line {lineno} is not valid JSON ({exc.msg}).") from None
+    for k, u in enumerate(users):
+        if isinstance(u, dict) and "history" in u:
+            users[k] = u  # {"history": [...], "dataset": optional name the ids refer to}
+        elif not isinstance(u, list):
+            raise UserError(f"{path}: a history must be a JSON list of item ids or titles.")
+    return users, batch
+
+
+class Recommender:
+    def __init__(self, config: RecommendConfig):
+        from ..training.run import load_run
+        from .evaluate import resolve_run
+
+        self.config = config
+        self.run = load_run(resolve_run(config.run), device=config.device)
+        self.resolve = ItemResolver(self.run.titles)
+        self.max_history = int(self.run.info["dataset"]["max_history"])
+        self.pad_id = int(self.run.info["dataset"]["pad_id"])
+        self.fixed = None
+        if config.candidates is not None:
+            cands, _ = read_histories(config.candidates)
+            if len(cands) != 1:
+                raise UserError("--candidates must be one JSON list of item ids or titles.")
+            self.fixed = [self.resolve(c) for c in cands[0]]
+            if len(set(self.fixed)) != len(self.fixed):
+                raise UserError("--candidates lists an item twice.")
+
+    def recommend(self, raw_history: list[Any] | dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from .llm import score_candidates
+
+        if isinstance(raw_history, dict):
+            named = raw_history.get("dataset")
+            trained = self.run.info["dataset"]["name"]
+            if named is not None and named != trained:
+                raise UserError(f"The history refers to the dataset {named!r}, but the run was trained on {trained!r}.")
+            raw_history = raw_history["history"]
+            if not isinstance(raw_history, list):
+                raise UserError("A history must be a JSON list of item ids or titles.")
+        if not raw_history:
+            raise UserError("The history is empty: give at least one item.")
+        history = [self.resolve(e) for e in raw_history]
+        notes = []
+        if len(history) > self.max_history:
+            notes.append(f"the history has {len(history)} items; the model reads the most recent {self.max_history}")
+            history = history[-self.max_history :]
+        if self.fixed is not None:
+            cands = np.array([self.fixed])
+        else:
+            enc = self.run.model.encoder
+            seq = torch.full((1, self.max_history), self.pad_id, dtype=torch.long)
+            seq[0, : len(history)] = torch.tensor(history)
+            with torch.no_grad():
+                scores = enc.score_all(seq, torch.tensor([len(history)])).float()[0]
+            scores[history] = float("-inf")
+            n = min(self.config.retrieve, len(self.run.titles) - len(set(history)))
+            cands = scores.topk(n).indices.numpy()[None]
+        s, g = score_candidates(self.run, [history], cands, 1, self.config.normalize)
+        order = np.argsort(-s[0], kind="stable")[: self.config.top_k]
+        return {
+            "history": [{"item_id": i, "title": self.run.titles[i]} for i in history],
+            "recommendations": [
+                {"item_id": int(cands[0, j]), "title": self.run.titles[int(cands[0, j])], "score": float(s[0, j])}
+                for j in order
+            ],
+            "gate": [float(x) for x in g[0]],
+            "candidates": "given" if self.fixed is not None else f"encoder top-{cands.shape[1]}",
+            "notes": notes,
+        }

@@ -1,0 +1,192 @@
+"""ilora eval and recommend: scoring correctness, aggregation over draws, title resolution, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ilora_cli import metrics
+from ilora_cli.encoders.sasrec import SASRec, SASRecConfig
+from ilora_cli.errors import UserError
+from ilora_cli.evaluation.evaluate import EvalConfig, evaluate
+from ilora_cli.evaluation.llm import match_answer, score_candidates
+from ilora_cli.evaluation.recommend import ItemResolver
+from ilora_cli.llm.model import ExpertConfig, ILoraModel, attach_lora
+from ilora_cli.llm.prompt import PromptBuilder, add_placeholder_tokens
+from ilora_cli.training.loop import TrainConfig, train
+from ilora_cli.training.run import LoadedRun
+
+from conftest import run_cli
+from tiny import tiny_llama, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world):
+    import os
+
+    os.environ["ILORA_HOME"] = str(tiny_world)
+    try:
+        for name, k in (("ev4", 4), ("ev1", 1)):
+            train(
+                TrainConfig(
+                    dataset="cyc",
+                    backbone=str(tiny_world / "tiny-backbone"),
+                    name=name,
+                    experts=k,
+                    max_steps=2,
+                    batch_size=4,
+                    candidates=6,
+                    quiet=True,
+                )
+            )
+    finally:
+        os.environ.pop("ILORA_HOME", None)
+    return tiny_world
+
+
+@pytest.fixture
+def world(trained, monkeypatch):
+    monkeypatch.setenv("ILORA_HOME", str(trained))
+    return trained
+
+
+def test_hand_built_model_prefers_the_shortest_title():
+    """With the final norm zeroed, every next-token distribution is uniform over the vocabulary V:
+    log p(title) = -(tokens in title + end) · log V, so the shortest title wins and scores are known."""
+    titles = ["Blue", "Red Sky", "A Very Long Green Title", "Old Town Road", "Sun"]
+    tok = word_tokenizer(titles)
+    base = tiny_llama(len(tok) + 2)
+    add_placeholder_tokens(tok, base)
+    with torch.no_grad():
+        base.model.norm.weight.zero_()
+    cfg = ExpertConfig(experts=2, rank=4)
+    model = ILoraModel(attach_lora(base, cfg), tok, SASRec(SASRecConfig(hidden_size=8), 5), cfg).eval()
+    builder = PromptBuilder(tok, titles, "music")
+    run = LoadedRun(model, tok, builder, {"dataset": {"pad_id": 5, "max_history": 10}}, titles)
+    cands = np.array([[2, 1, 0, 3], [3, 2, 1, 4]])
+    scores, gates = score_candidates(run, [[4, 3], [0, 1, 2]], cands)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    lengths = np.array([[len(builder.answer_ids(int(c))) for c in row] for row in cands])
+    np.testing.assert_allclose(scores, -lengths * math.log(vocab), rtol=1e-5)
+    assert cands[0, np.argmax(scores[0])] == 0 and cands[1, np.argmax(scores[1])] == 4
+    assert gates.shape == (2, 2)
+    mean, _ = score_candidates(run, [[4, 3]], cands[:1], normalize="mean")
+    np.testing.assert_allclose(mean[0], -math.log(vocab), rtol=1e-5)
+
+
+def test_match_answer_rule():
+    titles = ["Blue", "Blue Moon", "Sun"]
+    assert match_answer("The answer is SUN", titles) == 2
+    assert match_answer("blue moon", titles) is None  # two titles occur: invalid
+    assert match_answer("nothing here", titles) is None
+
+
+def test_eval_score_mode_aggregates_over_draws(world, tmp_path):
+    pred = tmp_path / "p.jsonl"
+    res = evaluate(EvalConfig(runs=["ev4"], predictions=pred, quiet=True))
+    assert res["mode"] == "score" and res["protocol"] == "sampled, 6 candidates" and res["draws"] == 2
+    lines = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert len(lines) == res["n_rows"] * 2 and all(len(line["gate"]) == 4 for line in lines)
+    per_draw = []
+    for d in (0, 1):
+        rows = [x for x in lines if x["draw"] == d]
+        scores = np.array([x["scores"] for x in rows])
+        cols = np.array([x["candidates"].index(x["target"]) for x in rows])
+        per_draw.append(metrics.ranking_metrics(metrics.rank_of_target(scores, cols)))
+    expected = metrics.aggregate(per_draw)
+    for k in ("hr@1", "ndcg@3", "mrr"):
+        assert res["metrics"][k]["n_draws"] == 2
+        assert res["metrics"][k]["mean"] == pytest.approx(expected[k]["mean"], abs=1e-4)
+        assert res["metrics"][k]["std"] == pytest.approx(expected[k]["std"], abs=1e-4)
+    again = evaluate(EvalConfig(runs=["ev4"], predictions=tmp_path / "q.jsonl", quiet=True))
+    assert again["metrics"] == res["metrics"]  # deterministic
+
+
+def test_eval_side_by_side_generate_and_retrieve(world):
+    res = evaluate(EvalConfig(runs=["ev4", "ev1"], encoder=True, quiet=True, max_samples=3))
+    assert set(res["results"]) == {"ev4", "ev1", "encoder"} and res["n_rows"] == 3
+    gen = evaluate(EvalConfig(runs=["ev4"], mode="generate", quiet=True, max_samples=3, draws=1))
+    assert {"valid_ratio", "hr@1", "hr@1_valid"} <= set(gen["metrics"])
+    ret = evaluate(EvalConfig(runs=["ev4"], candidates="retrieve:5", encoder=True, quiet=True, max_samples=4))
+    assert ret["protocol"].startswith("full ranking") and {"hr@1", "hr@5", "ndcg@5"} <= set(ret["metrics"])
+
+
+def test_cli_eval_json_and_errors(world):
+    r = run_cli("eval", "--run", "ev4", "--max-samples", "2", "--json", "quiet=true", home=world)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["mode"] == "score" and {"mean", "std"} <= set(doc["metrics"]["hr@1"])
+    assert "sampled, 6 candidates" in r.stderr.replace("\n", " ") or "sampled" in r.stderr
+    for args, msg in (
+        (["--run", "nope"], "not a finished"),
+        (["--run", "ev4", "--mode", "x"], "Unknown mode"),
+        (["--run", "ev4", "--candidates", "retrieve:x"], "retrieve:N"),
+        ([], "Nothing to evaluate"),
+    ):
+        r = run_cli("eval", *args, home=world)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+
+
+def test_item_resolver():
+    res = ItemResolver(["Blue", "blue moon", "Sun", "SUN #2", "Moon", "moon"])
+    assert res(2) == 2 and res("Sun") == 2 and res("BLUE MOON") == 1 and res({"title": "Blue"}) == 0
+    assert res({"item_id": 4}) == 4
+    with pytest.raises(UserError, match="ambiguous"):
+        res("MOON")
+    with pytest.raises(UserError, match="closest: 'Blue'"):
+        res("Bleu")
+    with pytest.raises(UserError, match="Unknown item id 99"):
+        res(99)
+    with pytest.raises(UserError, match="neither"):
+        res(1.5)
+
+
+def test_cli_recommend_single_batch_and_bad_input(world, tmp_path):
+    h = tmp_path / "h.json"
+    h.write_text(json.dumps([0, "Item B1", "item c2"]))
+    r = run_cli("recommend", "--run", "ev4", "--user-history", str(h), "--top-k", "3", "--json", home=world)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert len(doc["recommendations"]) == 3 and len(doc["gate"]) == 4
+    assert {"item_id", "title", "score"} == set(doc["recommendations"][0])
+    assert not {x["item_id"] for x in doc["recommendations"]} & {0, 1, 2}
+    scores = [x["score"] for x in doc["recommendations"]]
+    assert scores == sorted(scores, reverse=True)
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps([5, 6, "Item H7"]))
+    r = run_cli("recommend", "--run", "ev4", "--user-history", str(h), "--candidates", str(c), "--json", home=world)
+    assert r.returncode == 0 and {x["item_id"] for x in json.loads(r.stdout)["recommendations"]} == {5, 6, 7}
+    many = tmp_path / "many.jsonl"
+    many.write_text("[1, 2, 3]\n[4, 5, 6]\n[]\n")
+    r = run_cli("recommend", "--run", "ev4", "--user-history", str(many), "--top-k", "2", home=world)
+    out = [json.loads(x) for x in r.stdout.splitlines()]
+    assert r.returncode == 2 and len(out) == 3 and "empty" in out[2]["error"]
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps(list(range(14))))
+    r = run_cli("recommend", "--run", "ev4", "--user-history", str(long), "--json", home=world)
+    assert r.returncode == 0 and "most recent 10" in r.stderr
+    assert [x["item_id"] for x in json.loads(r.stdout)["history"]] == list(range(4, 14))
+    cases = {
+        "[]": "empty",
+        "[1, 2": "not valid JSON",
+        "[1, 2, 999]": "Unknown item id 999",
+        '{"dataset": "ml100k", "history": [1, 2]}': "trained on 'cyc'",
+        '["Item Zz"]': "Unknown title",
+    }
+    for text, msg in cases.items():
+        h.write_text(text)
+        r = run_cli("recommend", "--run", "ev4", "--user-history", str(h), home=world)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)
+    broken = tmp_path / "broken-run"
+    shutil.copytree(world / "runs" / "ev4", broken)
+    info = json.loads((broken / "ilora.json").read_text())
+    info["backbone"]["name"] = str(tmp_path / "no-such-backbone")
+    (broken / "ilora.json").write_text(json.dumps(info))
+    h.write_text("[1, 2, 3]")
+    r = run_cli("recommend", "--run", str(broken), "--user-history", str(h), home=world)
+    assert r.returncode == 2 and "backbone" in r.stderr and "Traceback" not in r.stderr, r.stderr

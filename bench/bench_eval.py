@@ -1,0 +1,136 @@
+"""Evaluation benchmarks, measured side by side on the same users, candidates and backbone:
+
+1. score mode (prompt encoded once, 20 titles on its cached prefix) against naive scoring (one full
+   prompt + title forward per candidate, batched per user): speed-up (target ≥ 5×) and max |Δ score|;
+2. score mode against generate mode (greedy, stopped at the end token): time ratio (aim ≤ 1.5×);
+3. single-user ``recommend`` latency (encoder retrieval of 20 + LLM rerank), after loading;
+4. length normalisation: HR@1 etc. with the sum vs the mean of title token log-probabilities, on the
+   validation predictions of a trained run.
+
+Usage: python bench/bench_eval.py [--run RUN] [--dataset lastfm] [--users 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from common import ensure_dataset, write_result
+
+
+@torch.no_grad()
+def naive_scores(run, histories, candidates) -> np.ndarray:
+    """One full forward of prompt + title per candidate (the 20 of a user batched together)."""
+    b = run.builder
+    info = run.info["dataset"]
+    out = []
+    for hist, cands in zip(histories, candidates):
+        cands = [int(c) for c in cands]
+        batch = b.batch([hist] * len(cands), [cands] * len(cands), cands, None, info["pad_id"], info["max_history"],
+                        padding_side="left")
+        answer_len = (batch.labels != -100).sum(-1)  # (C,)
+        keep = int(answer_len.max()) + 1
+        logits = _logits(run.model, batch, keep)  # (C, keep, V)
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)  # predicts the last keep-1 tokens
+        labels = batch.labels[:, -(keep - 1) :]
+        mask = labels != -100
+        tok = logp.gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        out.append(tok.sum(-1).numpy())
+    return np.stack(out)
+
+
+def _logits(model, batch, keep):
+    embeds = model.embed(batch)
+    gates = model.gates(batch, embeds)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with model.gated(gates):
+        return model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
+                         logits_to_keep=keep).logits
+
+
+def timed(fn, repeats=3):
+    times = []
+    result = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default=None, help="a trained run (default: train a 2-step one)")
+    ap.add_argument("--dataset", default="lastfm")
+    ap.add_argument("--users", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from ilora_cli.data.prepared import PreparedDataset
+    from ilora_cli.evaluation.evaluate import EvalConfig, evaluate
+    from ilora_cli.evaluation.llm import generate_answers, score_candidates
+    from ilora_cli.evaluation.recommend import RecommendConfig, Recommender
+    from ilora_cli.home import run_dir
+    from ilora_cli.training.loop import TrainConfig, train
+    from ilora_cli.training.run import load_run
+
+    if not ensure_dataset(args.dataset):
+        print(f"dataset {args.dataset} not available; skipping")
+        return
+    path = args.run
+    if path is None:
+        path = str(run_dir(f"bench-eval-{args.dataset}"))
+        train(TrainConfig(dataset=args.dataset, output=path, max_steps=2, overwrite=True, quiet=True))
+    run = load_run(path)
+    val = PreparedDataset.open(run.info["dataset"]["name"]).split("val")
+    n = min(args.users, len(val))
+    hist = val.histories()[:n]
+    cands = val.candidates[:n, 0]
+
+    t_score, (fast, _) = timed(lambda: score_candidates(run, hist, cands, batch_size=8), args.repeats)
+    t_naive, slow = timed(lambda: naive_scores(run, hist, cands), 1)
+    t_gen, _ = timed(lambda: generate_answers(run, hist, cands, batch_size=8), args.repeats)
+    doc = {
+        "run": path, "users": n, "candidates": int(cands.shape[1]),
+        "score_seconds": t_score, "naive_seconds": t_naive, "generate_seconds": t_gen,
+        "speedup_score_vs_naive": t_naive / t_score, "target_speedup": ">= 5",
+        "max_abs_score_difference": float(np.abs(fast - slow).max()),
+        "ratio_score_over_generate": t_score / t_gen, "aim_ratio": "<= 1.5",
+    }
+
+    t = time.perf_counter()
+    rec = Recommender(RecommendConfig(run=path, user_history="-"))
+    doc["recommend_load_seconds"] = time.perf_counter() - t
+    lat = []
+    for i in range(min(5, n)):
+        t = time.perf_counter()
+        rec.recommend(hist[i])
+        lat.append(time.perf_counter() - t)
+    doc["recommend_latency_seconds_median"] = statistics.median(lat)
+    doc["recommend_latency_seconds_all"] = lat
+
+    ev = evaluate(EvalConfig(runs=[path], quiet=True, predictions=f"{path}/bench-val-predictions.jsonl"))
+    lines = [json.loads(x) for x in open(f"{path}/bench-val-predictions.jsonl")]
+    from ilora_cli import metrics
+
+    norm = {}
+    for mode in ("sum", "mean"):
+        per_draw = []
+        for d in sorted({x["draw"] for x in lines}):
+            rows = [x for x in lines if x["draw"] == d]
+            s = np.array([x["scores"] for x in rows])
+            if mode == "mean":
+                s = s / np.array([[len(run.builder.answer_ids(c)) for c in x["candidates"]] for x in rows])
+            cols = np.array([x["candidates"].index(x["target"]) for x in rows])
+            per_draw.append(metrics.ranking_metrics(metrics.rank_of_target(s, cols)))
+        agg = metrics.aggregate(per_draw)
+        norm[mode] = {k: {"mean": round(v["mean"], 4), "std": round(v["std"], 4)} for k, v in agg.items()}
+    doc["length_normalisation"] = {"val_rows": ev["n_rows"], "draws": ev["draws"], **norm}
+    write_result(f"eval-{args.dataset}", doc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Training benchmarks, each measured side by side in one run:
+
+1. cost of the mixture: step time of iLoRA (K=4) / plain LoRA (K=1) at equal total rank (target ≤ 1.05);
+2. loop overhead: samples/s of ``ilora train`` / a bare forward+backward+step on the same batches (≥ 0.90);
+3. memory: peak RSS of a few training steps with the backbone in 4-bit vs fp32 (report the ratio).
+
+Usage: python bench/bench_train.py [--dataset synthetic] [--steps 6] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+import torch
+from common import ensure_dataset, median_time, write_result
+
+
+def build(dataset, experts, rank=16, objective="generate", load_in_4bit=False):
+    from ilora_cli.llm.backbone import BackboneSpec, load_backbone, prepare_for_training
+    from ilora_cli.llm.model import ExpertConfig, ILoraModel, attach_lora
+    from ilora_cli.llm.prompt import PromptBuilder
+    from ilora_cli.training.loop import ensure_encoder, TrainConfig
+
+    encoder, _ = ensure_encoder(TrainConfig(dataset=dataset.name), dataset)
+    base, tok = load_backbone(BackboneSpec(load_in_4bit=load_in_4bit))
+    base = prepare_for_training(base)
+    cfg = ExpertConfig(experts=experts, rank=rank, dropout=0.05)
+    torch.manual_seed(0)
+    model = ILoraModel(attach_lora(base, cfg), tok, encoder, cfg)
+    return model, PromptBuilder(tok, dataset.titles, dataset.domain)
+
+
+def batches(dataset, builder, n, batch_size, objective):
+    from ilora_cli.training.loop import build_batch
+    from ilora_cli.training.samples import TrainSamples
+
+    samples = TrainSamples(dataset.split("train"), dataset.n_items, 20, seed=42)
+    order = samples.order(0)
+    out = []
+    for b in range(n):
+        rows = [samples.sample(r, 0) for r in order[b * batch_size : (b + 1) * batch_size]]
+        out.append(build_batch(builder, rows, objective, dataset.pad_id, dataset.max_history))
+    return out
+
+
+def step_fn(model, optimizer, batch, objective, builder):
+    from ilora_cli.llm.scoring import pad_answers
+
+    prompt, target = batch
+
+    def run():
+        if objective == "generate":
+            loss = model(prompt)[0].loss
+        else:
+            answers, mask = pad_answers(builder, prompt.candidates.tolist())
+            scores, _ = model(prompt, answers=answers, answer_mask=mask)
+            loss = torch.nn.functional.cross_entropy(scores, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return run
+
+
+def mixture_cost(dataset, steps: int, batch_size: int) -> dict:
+    """K=4 and K=1 models built once, steps interleaved (ABAB...) on identical batches."""
+    models = {}
+    for k in (1, 4):
+        model, builder = build(dataset, k)
+        model.train()
+        opt = torch.optim.AdamW([p for ps in model.trainable_parameters().values() for p in ps], lr=1e-5)
+        models[k] = (model, opt, builder)
+    data = batches(dataset, models[1][2], 2, batch_size, "generate")
+    for k in (1, 4):  # warm-up
+        step_fn(models[k][0], models[k][1], data[0], "generate", models[k][2])()
+    times = {1: [], 4: []}
+    for i in range(steps):
+        for k in ((1, 4) if i % 2 == 0 else (4, 1)):
+            model, opt, builder = models[k]
+            times[k].append(median_time(step_fn(model, opt, data[i % 2], "generate", builder), 1))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    tokens = int(data[0][0].attention_mask.sum())
+    return {"k1_step_seconds": med[1], "k4_step_seconds": med[4], "ratio_k4_over_k1": med[4] / med[1],
+            "batch": batch_size, "tokens_per_batch": tokens, "steps_each": steps, "target": "<= 1.05"}
+
+
+def loop_overhead(dataset, steps: int, batch_size: int, objective: str) -> dict:
+    """``train()`` samples/s against a bare forward+backward+step on the same batches, same model build."""
+    import tempfile
+
+    from ilora_cli.training.loop import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(dataset=dataset.name, output=f"{tmp}/run", max_steps=steps, batch_size=batch_size,
+                          objective=objective, quiet=True, checkpoint_every=10**6, warmup_ratio=0.0)
+        loop = train(cfg)
+    model, builder = build(dataset, 4, objective=objective)
+    model.train()
+    opt = torch.optim.AdamW([p for ps in model.trainable_parameters().values() for p in ps], lr=1e-5)
+    data = batches(dataset, builder, steps, batch_size, objective)
+    t = time.perf_counter()
+    for b in data:
+        step_fn(model, opt, b, objective, builder)()
+    bare = steps * batch_size / (time.perf_counter() - t)
+    return {"loop_samples_per_second": loop["train_samples_per_second"], "bare_samples_per_second": bare,
+            "ratio_loop_over_bare": loop["train_samples_per_second"] / bare, "steps": steps,
+            "objective": objective, "target": ">= 0.90"}
+
+
+MEM = r"""
+import resource, sys, tempfile
+from ilora_cli.training.loop import TrainConfig, train
+with tempfile.TemporaryDirectory() as tmp:
+    train(TrainConfig(dataset=sys.argv[1], output=tmp + "/run", max_steps=2, batch_size=8, quiet=True,
+                      objective="generate", load_in_4bit=sys.argv[2] == "4bit"))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def memory(dataset_name: str) -> dict:
+    out = {}
+    for mode in ("fp32", "4bit"):
+        r = subprocess.run([sys.executable, "-c", MEM, dataset_name, mode], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        out[f"{mode}_peak_rss_mib"] = int(r.stdout.strip().splitlines()[-1]) / 1024
+    out["ratio_4bit_over_fp32"] = out["4bit_peak_rss_mib"] / out["fp32_peak_rss_mib"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="synthetic")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--objective", default="rank")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    from ilora_cli.data.prepared import PreparedDataset
+
+    if not ensure_dataset(args.dataset):
+        print(f"dataset {args.dataset} not available; skipping")
+        return
+    dataset = PreparedDataset.open(args.dataset)
+    doc = {"dataset": args.dataset, "backbone": "SmolLM2-135M-Instruct (default)"}
+    doc["mixture_cost"] = mixture_cost(dataset, args.steps, args.batch_size)
+    doc["loop_overhead"] = loop_overhead(dataset, args.steps, args.batch_size, args.objective)
+    if not args.skip_memory:
+        doc["memory"] = memory(args.dataset)
+    write_result("train", doc)
+
+
+if __name__ == "__main__":
+    main()

@@ -168,7 +168,8 @@ def encode(
     )
     result = run_encode(cfg)
     rows = {split: m for split, m in result["metrics"].items() if split in ("val", "test")}
-    metrics_table(f"Encoder {result['model']} on {cfg.dataset}", rows, result.get("protocol", "sampled"))
+    protocol = next((m.get("protocol") for m in rows.values() if m.get("protocol")), "sampled")
+    metrics_table(f"Encoder {result['model']} on {cfg.dataset}", rows, protocol)
     if json:
         from .console import print_json
 
@@ -176,7 +177,7 @@ def encode(
 
 
 def _not_yet(command: str) -> None:
-    raise UserError(f"`ilora {command}` is not available in this version yet; see the README's roadmap.")
+    raise UserError(f"`ilora {command}` is not available in this version yet.")
 
 
 _LATER = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}

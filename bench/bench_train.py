@@ -22,7 +22,7 @@ def build(dataset, experts, rank=16, objective="generate", load_in_4bit=False):
     from ilora_cli.llm.backbone import BackboneSpec, load_backbone, prepare_for_training
     from ilora_cli.llm.model import ExpertConfig, ILoraModel, attach_lora
     from ilora_cli.llm.prompt import PromptBuilder
-    from ilora_cli.training.loop import ensure_encoder, TrainConfig
+    from ilora_cli.training.loop import TrainConfig, ensure_encoder
 
     encoder, _ = ensure_encoder(TrainConfig(dataset=dataset.name), dataset)
     base, tok = load_backbone(BackboneSpec(load_in_4bit=load_in_4bit))

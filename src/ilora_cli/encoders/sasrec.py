@@ -101,7 +101,7 @@ class SASRec(SequentialEncoder):
         B, L = seq.shape
         positions = torch.arange(L, device=seq.device)  # (L,)
         # Scaled as in SASRec so that positions do not drown the item signal.
-        x = embed_history(self.item_embedding, seq, len_seq) * (math.sqrt(self.hidden_size) if not __import__("os").environ.get("NOSCALE") else 1.0)  # (B, L, d)
+        x = embed_history(self.item_embedding, seq, len_seq) * math.sqrt(self.hidden_size)  # (B, L, d)
         x = self.emb_dropout(x + self.position_embedding(positions)[None])  # (B, L, d)
         causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()  # (L, L)
         # Padding keys are hidden too; every query still sees position 0, which is always real.

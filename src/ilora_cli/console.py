@@ -16,7 +16,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-err = Console(stderr=True)
+# Logs and CI capture stderr without a terminal, where rich would fall back to 80 columns and cut the
+# metric tables: give them room.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def progress(**kwargs: Any) -> Progress:

@@ -28,7 +28,16 @@ MODEL_CONFIGS = {
     "caser": {**SMALL, "n_h": 4, "n_v": 2},
 }
 # A short, fast training run on the fixture; tests override what they check.
-FAST = {"hidden_size": 16, "num_heads": 1, "batch_size": 64, "lr": 5e-3, "epochs": 2, "patience": 0, "quiet": True}
+FAST = {
+    "hidden_size": 16,
+    "num_heads": 1,
+    "batch_size": 64,
+    "lr": 5e-3,
+    "epochs": 2,
+    "patience": 0,
+    "quiet": True,
+    "threads": 1,
+}
 
 
 @pytest.fixture
@@ -170,12 +179,12 @@ def test_evaluate_encoder_keys_and_a_perfect_model(home):
 
 
 def test_sasrec_learns_the_pattern(home):
-    result = encode(EncodeConfig(dataset="tiny", **{**FAST, "epochs": 8}))
+    result = encode(EncodeConfig(dataset="tiny", **{**FAST, "epochs": 4}))
     val = result["metrics"]["val"]
     assert val["hr@1"]["mean"] > 0.6  # random: 1 / 10
     assert set(result["metrics"]) == {"val", "test"}
     assert result["encoder_dir"] == str(home / "encoders" / "tiny-sasrec")
-    assert result["model"] == "sasrec" and 1 <= result["best_epoch"] <= result["epochs_run"] == 8
+    assert result["model"] == "sasrec" and 1 <= result["best_epoch"] <= result["epochs_run"] == 4
     assert result["seconds_per_epoch"] > 0
     info = json.loads((home / "encoders" / "tiny-sasrec" / "encoder.json").read_text())
     dataset = PreparedDataset.open("tiny")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ilora_cli.config import parse_overrides, resolve
+from ilora_cli.config import check_minimums, parse_overrides, resolve
 from ilora_cli.errors import UserError
 
 
@@ -54,3 +54,31 @@ def test_parse_overrides_types():
     assert parse_overrides(["a=1", "c=x y", "d="]) == {"a": 1, "c": "x y", "d": ""}
     # YAML reads "1e-3" as text; the field's type turns it into a number
     assert resolve(Cfg, None, {}, ["lr=1e-3"]).lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "changes,msg",
+    [
+        ({"batch_size": 0}, "batch_size must be at least 1; got 0."),
+        ({"candidates": 1}, "candidates must be at least 2; got 1."),
+        ({"max_steps": 0}, "max_steps must be at least 1; got 0."),
+        ({"stop_after": -3}, "stop_after must be at least 1; got -3."),
+    ],
+)
+def test_train_config_minimums(changes, msg):
+    from ilora_cli.training.loop import TrainConfig
+
+    with pytest.raises(UserError) as e:
+        TrainConfig(dataset="x", **changes).validate()
+    assert str(e.value) == msg
+
+
+def test_check_minimums_lets_unset_optionals_pass():
+    @dataclass
+    class C:
+        a: int = 1
+        b: int | None = None
+
+    check_minimums(C(), {"a": 1, "b": 5})
+    with pytest.raises(UserError, match="b must be at least 5; got 4"):
+        check_minimums(C(b=4), {"a": 1, "b": 5})

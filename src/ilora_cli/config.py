@@ -139,6 +139,14 @@ def resolve(
     return config
 
 
+def check_minimums(config: Any, minimums: dict[str, int]) -> None:
+    """Refuse a field below its minimum with one sentence; ``None`` (unset optional) passes."""
+    for field, minimum in minimums.items():
+        value = getattr(config, field)
+        if value is not None and value < minimum:
+            raise UserError(f"{field} must be at least {minimum}; got {value}.")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON/YAML-friendly dict of a config dataclass."""
     out = {}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import console
-from ..config import to_dict
+from ..config import check_minimums, to_dict
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
 from ..home import atomic_directory, check_name, encoder_dir
@@ -78,23 +78,22 @@ class EncodeConfig:
             raise UserError(f"Unknown monitor {self.monitor!r}; choose one of: {', '.join(MONITORS)}.")
         if self.name is not None:
             check_name(self.name, "encoder name")
-        for field, minimum in (
-            ("hidden_size", 1),
-            ("num_blocks", 1),
-            ("num_heads", 1),
-            ("caser_h", 1),
-            ("caser_v", 1),
-            ("negatives", 1),
-            ("batch_size", 1),
-            ("epochs", 1),
-            ("patience", 0),
-        ):
-            if getattr(self, field) < minimum:
-                raise UserError(f"{field} must be at least {minimum}; got {getattr(self, field)}.")
-        if self.max_len is not None and self.max_len < 1:
-            raise UserError(f"max_len must be at least 1; got {self.max_len}.")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"threads must be at least 1; got {self.threads}.")
+        check_minimums(
+            self,
+            {
+                "hidden_size": 1,
+                "num_blocks": 1,
+                "num_heads": 1,
+                "caser_h": 1,
+                "caser_v": 1,
+                "negatives": 1,
+                "batch_size": 1,
+                "epochs": 1,
+                "patience": 0,
+                "max_len": 1,
+                "threads": 1,
+            },
+        )
         if self.model == "sasrec" and self.hidden_size % self.num_heads:
             raise UserError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
         if not 0.0 <= self.dropout < 1.0:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import to_dict
+from ..config import check_minimums, to_dict
 from ..console import err, progress
 from ..errors import UserError
 from ..home import check_name
@@ -78,19 +78,19 @@ class TrainConfig:
             raise UserError(f"rank ({self.rank}) must be a positive multiple of experts ({self.experts}).")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}.")
-        for field, minimum in (
-            ("batch_size", 1),
-            ("grad_accum", 1),
-            ("candidates", 2),
-            ("checkpoint_every", 1),
-            ("log_every", 1),
-        ):
-            if getattr(self, field) < minimum:
-                raise UserError(f"{field} must be at least {minimum}; got {getattr(self, field)}.")
-        for field in ("max_steps", "max_train_samples", "stop_after"):
-            v = getattr(self, field)
-            if v is not None and v < 1:
-                raise UserError(f"{field} must be at least 1; got {v}.")
+        check_minimums(
+            self,
+            {
+                "batch_size": 1,
+                "grad_accum": 1,
+                "candidates": 2,
+                "checkpoint_every": 1,
+                "log_every": 1,
+                "max_steps": 1,
+                "max_train_samples": 1,
+                "stop_after": 1,
+            },
+        )
         if self.epochs <= 0:
             raise UserError(f"epochs must be positive; got {self.epochs}.")
         if self.resume and self.overwrite:

@@ -13,13 +13,14 @@ Usage: python bench/bench_eval.py [--run RUN] [--dataset lastfm] [--users 16]
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from common import ensure_dataset, write_result
+from common import ensure_dataset, normalisation_metrics, write_result
 
 
 @torch.no_grad()
@@ -30,26 +31,24 @@ def naive_scores(run, histories, candidates) -> np.ndarray:
     out = []
     for hist, cands in zip(histories, candidates):
         cands = [int(c) for c in cands]
-        batch = b.batch([hist] * len(cands), [cands] * len(cands), cands, None, info["pad_id"], info["max_history"],
-                        padding_side="left")
+        batch = b.batch(
+            [hist] * len(cands),
+            [cands] * len(cands),
+            cands,
+            None,
+            info["pad_id"],
+            info["max_history"],
+            padding_side="left",
+        )
         answer_len = (batch.labels != -100).sum(-1)  # (C,)
         keep = int(answer_len.max()) + 1
-        logits = _logits(run.model, batch, keep)  # (C, keep, V)
+        logits = run.model(dataclasses.replace(batch, labels=None), logits_to_keep=keep)[0].logits  # (C, keep, V)
         logp = torch.log_softmax(logits[:, :-1].float(), -1)  # predicts the last keep-1 tokens
         labels = batch.labels[:, -(keep - 1) :]
         mask = labels != -100
         tok = logp.gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
         out.append(tok.sum(-1).numpy())
     return np.stack(out)
-
-
-def _logits(model, batch, keep):
-    embeds = model.embed(batch)
-    gates = model.gates(batch, embeds)
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with model.gated(gates):
-        return model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
-                         logits_to_keep=keep).logits
 
 
 def timed(fn, repeats=3):
@@ -94,11 +93,17 @@ def main() -> None:
     t_naive, slow = timed(lambda: naive_scores(run, hist, cands), 1)
     t_gen, _ = timed(lambda: generate_answers(run, hist, cands, batch_size=8), args.repeats)
     doc = {
-        "run": path, "users": n, "candidates": int(cands.shape[1]),
-        "score_seconds": t_score, "naive_seconds": t_naive, "generate_seconds": t_gen,
-        "speedup_score_vs_naive": t_naive / t_score, "target_speedup": ">= 5",
+        "run": path,
+        "users": n,
+        "candidates": int(cands.shape[1]),
+        "score_seconds": t_score,
+        "naive_seconds": t_naive,
+        "generate_seconds": t_gen,
+        "speedup_score_vs_naive": t_naive / t_score,
+        "target_speedup": ">= 5",
         "max_abs_score_difference": float(np.abs(fast - slow).max()),
-        "ratio_score_over_generate": t_score / t_gen, "aim_ratio": "<= 1.5",
+        "ratio_score_over_generate": t_score / t_gen,
+        "aim_ratio": "<= 1.5",
     }
 
     t = time.perf_counter()
@@ -113,21 +118,7 @@ def main() -> None:
     doc["recommend_latency_seconds_all"] = lat
 
     ev = evaluate(EvalConfig(runs=[path], quiet=True, predictions=f"{path}/bench-val-predictions.jsonl"))
-    lines = [json.loads(x) for x in open(f"{path}/bench-val-predictions.jsonl")]
-    from ilora_cli import metrics
-
-    norm = {}
-    for mode in ("sum", "mean"):
-        per_draw = []
-        for d in sorted({x["draw"] for x in lines}):
-            rows = [x for x in lines if x["draw"] == d]
-            s = np.array([x["scores"] for x in rows])
-            if mode == "mean":
-                s = s / np.array([[len(run.builder.answer_ids(c)) for c in x["candidates"]] for x in rows])
-            cols = np.array([x["candidates"].index(x["target"]) for x in rows])
-            per_draw.append(metrics.ranking_metrics(metrics.rank_of_target(s, cols)))
-        agg = metrics.aggregate(per_draw)
-        norm[mode] = {k: {"mean": round(v["mean"], 4), "std": round(v["std"], 4)} for k, v in agg.items()}
+    norm = normalisation_metrics(Path(f"{path}/bench-val-predictions.jsonl"), run.builder)
     doc["length_normalisation"] = {"val_rows": ev["n_rows"], "draws": ev["draws"], **norm}
     write_result(f"eval-{args.dataset}", doc)
 

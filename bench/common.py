@@ -46,6 +46,29 @@ def ensure_dataset(name: str) -> bool:
     return False
 
 
+def normalisation_metrics(predictions: Path, builder) -> dict:
+    """Ranking metrics (mean ± std over draws) of a score-mode predictions file with the stored sum scores
+    and with the same scores divided by each title's token count (mean normalisation)."""
+    import numpy as np
+
+    from ilora_cli import metrics
+
+    lines = [json.loads(x) for x in open(predictions, encoding="utf-8")]
+    out = {}
+    for mode in ("sum", "mean"):
+        per_draw = []
+        for d in sorted({x["draw"] for x in lines}):
+            rows = [x for x in lines if x["draw"] == d]
+            s = np.array([x["scores"] for x in rows])
+            if mode == "mean":
+                s = s / np.array([[len(builder.answer_ids(c)) for c in x["candidates"]] for x in rows])
+            cols = np.array([x["candidates"].index(x["target"]) for x in rows])
+            per_draw.append(metrics.ranking_metrics(metrics.rank_of_target(s, cols)))
+        agg = metrics.aggregate(per_draw)
+        out[mode] = {k: {"mean": round(v["mean"], 4), "std": round(v["std"], 4)} for k, v in agg.items()}
+    return out
+
+
 def write_result(name: str, doc: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **doc}

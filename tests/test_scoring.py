@@ -57,3 +57,14 @@ def test_scores_have_gradients_for_the_rank_objective():
     torch.nn.functional.cross_entropy(scores, torch.tensor([0])).backward()
     assert all(p.grad is not None for p in model.trainable_parameters()["gate"])
     assert all(p.grad is not None for p in model.trainable_parameters()["projector"])
+
+
+def test_logits_to_keep_returns_the_last_positions_of_a_full_forward():
+    model, builder = _setup()
+    model.eval()
+    batch = builder.batch([[0, 1, 2], [3, 4]], [[3, 4, 5], [0, 1, 2]], pad_id=N_ITEMS, padding_side="left")
+    with torch.no_grad():
+        full = model(batch)[0].logits
+        last = model(batch, logits_to_keep=3)[0].logits
+    assert last.shape[1] == 3
+    torch.testing.assert_close(last, full[:, -3:])

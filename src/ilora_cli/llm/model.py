@@ -135,8 +135,15 @@ class ILoraModel(nn.Module):
                 yield
 
     # -- forward ------------------------------------------------------------------------------------
-    def forward(self, batch: PromptBatch, answers: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None):
-        """Without ``answers``: causal-LM outputs (loss on the answer tokens when ``batch.labels`` is set).
+    def forward(
+        self,
+        batch: PromptBatch,
+        answers: torch.Tensor | None = None,
+        answer_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ):
+        """Without ``answers``: causal-LM outputs (loss on the answer tokens when ``batch.labels`` is set;
+        logits of the last ``logits_to_keep`` positions only when it is positive, which needs no labels).
 
         With ``answers`` (B*C, La) and ``answer_mask``: (B, C) sums of answer-token log-probabilities after
         each prompt, on the prompt's shared key/value cache (see :mod:`ilora_cli.llm.scoring`).
@@ -153,6 +160,7 @@ class ILoraModel(nn.Module):
                     attention_mask=batch.attention_mask,
                     position_ids=positions,
                     labels=batch.labels,
+                    logits_to_keep=logits_to_keep,
                 )
                 return out, gates
             return self._score(embeds, batch.attention_mask, positions, answers, answer_mask), gates

@@ -4,15 +4,23 @@ Each of the four runs trains the default backbone (K=4, user gate) on the same s
 rows, then is evaluated in score mode on the validation rows (stored 20-candidate draws). Random ranking
 gives HR@1 = 0.05. Usage:
 
-    python bench/bench_objectives.py [--samples 256] [--draws 2] [--dataset lastfm]
+    python bench/bench_objectives.py [--samples 256] [--draws 2] [--dataset lastfm] [--only rank+hybrid ...]
+
+Results are written after each configuration, so an interrupted run keeps what it finished; ``--only``
+runs a subset and merges it into the existing result file. Score mode uses the sum of the title's token
+log-probabilities; the same predictions are also ranked by their mean (length-normalised) for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
-from common import ensure_dataset, write_result
+from common import RESULTS, ensure_dataset, normalisation_metrics, write_result
+
+CONFIGS = ("rank+hybrid", "generate+hybrid", "rank+text", "generate+text")
 
 
 def main() -> None:
@@ -21,35 +29,68 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--draws", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     args = ap.parse_args()
     from ilora_cli.evaluation.evaluate import EvalConfig, evaluate
     from ilora_cli.home import run_dir
     from ilora_cli.training.loop import TrainConfig, train
+    from ilora_cli.training.run import load_run
 
     if not ensure_dataset(args.dataset):
         print(f"dataset {args.dataset} not available; skipping")
         return
-    rows = {}
-    for objective, prompt in (("rank", "hybrid"), ("generate", "hybrid"), ("rank", "text"), ("generate", "text")):
+    out = f"objectives-{args.dataset}-{args.samples}"
+    previous = RESULTS / f"{out}.json"
+    rows = json.loads(previous.read_text())["results"] if previous.is_file() else {}
+    for key in args.only:
+        objective, prompt = key.split("+")
         name = f"bench-{args.dataset}-{objective}-{prompt}-{args.samples}"
         t = time.perf_counter()
-        result = train(TrainConfig(dataset=args.dataset, name=name, objective=objective, prompt=prompt,
-                                   max_train_samples=args.samples, batch_size=args.batch_size, overwrite=True,
-                                   quiet=True))
+        result = train(
+            TrainConfig(
+                dataset=args.dataset,
+                name=name,
+                objective=objective,
+                prompt=prompt,
+                max_train_samples=args.samples,
+                batch_size=args.batch_size,
+                overwrite=True,
+                quiet=True,
+            )
+        )
         train_min = (time.perf_counter() - t) / 60
         t = time.perf_counter()
         ev = evaluate(EvalConfig(runs=[str(run_dir(name))], draws=args.draws, quiet=True))
+        eval_min = (time.perf_counter() - t) / 60
         m = ev["metrics"]
-        rows[f"{objective}+{prompt}"] = {
-            "hr@1": m["hr@1"], "hr@5": m["hr@5"], "ndcg@5": m["ndcg@5"], "mrr": m["mrr"],
-            "train_minutes": round(train_min, 1), "eval_minutes": round((time.perf_counter() - t) / 60, 1),
-            "train_samples_per_second": result["train_samples_per_second"], "final_loss": result["final_loss"],
+        norm = normalisation_metrics(Path(ev["results"][name]["predictions"]), load_run(run_dir(name)).builder)
+        rows[key] = {
+            "hr@1": m["hr@1"],
+            "hr@5": m["hr@5"],
+            "ndcg@5": m["ndcg@5"],
+            "mrr": m["mrr"],
+            "hr@1_mean_normalised": norm["mean"]["hr@1"],
+            "mrr_mean_normalised": norm["mean"]["mrr"],
+            "train_minutes": round(train_min, 1),
+            "eval_minutes": round(eval_min, 1),
+            "train_samples_per_second": result["train_samples_per_second"],
+            "final_loss": result["final_loss"],
+            "steps": result["steps"],
         }
-        print(objective, prompt, {k: round(v["mean"], 4) for k, v in m.items()}, flush=True)
-    write_result(f"objectives-{args.dataset}", {
-        "dataset": args.dataset, "train_samples": args.samples, "val_rows": ev["n_rows"], "draws": ev["draws"],
-        "protocol": ev["protocol"], "random_hr@1": 0.05, "results": rows,
-    })
+        print(key, {k: round(v["mean"], 4) for k, v in m.items()}, flush=True)
+        write_result(
+            out,
+            {
+                "dataset": args.dataset,
+                "train_samples": args.samples,
+                "batch": args.batch_size,
+                "val_rows": ev["n_rows"],
+                "draws": ev["draws"],
+                "protocol": ev["protocol"],
+                "random_hr@1": 0.05,
+                "results": rows,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,16 @@ def main() -> None:
             step_fn(model, opt, data[0], objective, builder)()
             times[objective].append(time.perf_counter() - t)
             print(objective, round(times[objective][-1], 2), flush=True)
-    write_result(f"step-{args.dataset}", {"dataset": args.dataset, "batch": 8, "experts": 4, "step_seconds": times,
-                                          "ratio_rank_over_generate": min(times["rank"]) / min(times["generate"])})
+    write_result(
+        f"step-{args.dataset}",
+        {
+            "dataset": args.dataset,
+            "batch": 8,
+            "experts": 4,
+            "step_seconds": times,
+            "ratio_rank_over_generate": min(times["rank"]) / min(times["generate"]),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Evaluation benchmarks, measured side by side on the same users, candidates and backbone:
 
-1. score mode (prompt encoded once, 20 titles on its cached prefix) against naive scoring (one full
+1. score mode (prompt encoded once, 20 titles packed behind it in the same forward) against naive scoring (one full
    prompt + title forward per candidate, batched per user): speed-up (target ≥ 5×) and max |Δ score|;
 2. score mode against generate mode (greedy, stopped at the end token): time ratio (aim ≤ 1.5×);
 3. single-user ``recommend`` latency (encoder retrieval of 20 + LLM rerank), after loading;

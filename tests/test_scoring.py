@@ -1,4 +1,4 @@
-"""Candidate scoring on the cached prefix against one full forward per candidate."""
+"""Candidate scoring (all candidates packed behind one prompt) against one full forward per candidate."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _naive(model, builder, hist, cands):
 
 
 @pytest.mark.parametrize("gate,experts", [("user", 4), ("token", 4), ("user", 1)])
-def test_cached_prefix_scores_equal_full_forwards(gate, experts):
+def test_packed_scores_equal_full_forwards(gate, experts):
     model, builder = _setup(experts=experts, rank=8, gate=gate)
     hist = [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9, 10, 11]]
     cands = [[3, 4, 5, 6], [0, 1, 2, 11], [1, 2, 3, 0]]
@@ -68,3 +68,53 @@ def test_logits_to_keep_returns_the_last_positions_of_a_full_forward():
         last = model(batch, logits_to_keep=3)[0].logits
     assert last.shape[1] == 3
     torch.testing.assert_close(last, full[:, -3:])
+
+
+def test_packed_scoring_with_eager_attention():
+    model, builder = _setup()
+    model.llm.get_base_model().set_attn_implementation("eager")
+    hist = [[0, 1, 2], [3, 4, 5, 6, 7]]
+    cands = [[3, 4, 5, 6], [0, 1, 2, 11]]
+    prefix = builder.batch(hist, cands, pad_id=N_ITEMS, padding_side="left")
+    with torch.no_grad():
+        fast, _ = candidate_logprobs(model, builder, prefix, torch.tensor(cands))
+        slow = _naive(model, builder, hist, cands)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_scoring_on_a_gpt2_backbone():
+    """Learned absolute positions and Conv1D projections: another family than Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ilora_cli.encoders.sasrec import SASRec, SASRecConfig
+    from ilora_cli.llm.model import ExpertConfig, ILoraModel, attach_lora
+    from ilora_cli.llm.prompt import PromptBuilder, add_placeholder_tokens
+    from test_experts import TITLES
+
+    from tiny import word_tokenizer
+
+    tok = word_tokenizer(TITLES)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok) + 2,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    ).eval()
+    add_placeholder_tokens(tok, base)
+    cfg = ExpertConfig(experts=2, rank=4, alpha=8, dropout=0.0)
+    llm = attach_lora(base, cfg, init_lora_weights=False)
+    model = ILoraModel(llm, tok, SASRec(SASRecConfig(hidden_size=16), N_ITEMS), cfg).eval()
+    builder = PromptBuilder(tok, TITLES, "music")
+    hist, cands = [[0, 1, 2], [3, 4, 5, 6, 7]], [[3, 4, 5], [0, 1, 11]]
+    prefix = builder.batch(hist, cands, pad_id=N_ITEMS, padding_side="left")
+    with torch.no_grad():
+        fast, _ = candidate_logprobs(model, builder, prefix, torch.tensor(cands))
+        slow = _naive(model, builder, hist, cands)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""What a trained run says about candidates: scores on the cached prefix, or greedy generations."""
+"""What a trained run says about candidates: scores of the candidates after a shared prompt, or greedy generations."""
 
 from __future__ import annotations
 

@@ -113,7 +113,14 @@ def load_backbone(spec: BackboneSpec):
         kwargs["device_map"] = {"": spec.device if spec.device != "cuda" else 0}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        # Candidate scoring passes its own 4-D attention mask, which the sdpa and eager kernels accept
+        # (flash-attention kernels do not): prefer sdpa, fall back to eager for models without it.
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+        except ValueError as exc:
+            if "sdpa" not in str(exc).lower():
+                raise
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"Could not load the backbone {source}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:

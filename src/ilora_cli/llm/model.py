@@ -7,7 +7,6 @@ with the run (the run records the encoder's path and checksum instead).
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -146,7 +145,7 @@ class ILoraModel(nn.Module):
         logits of the last ``logits_to_keep`` positions only when it is positive, which needs no labels).
 
         With ``answers`` (B*C, La) and ``answer_mask``: (B, C) sums of answer-token log-probabilities after
-        each prompt, on the prompt's shared key/value cache (see :mod:`ilora_cli.llm.scoring`).
+        each prompt, all candidates packed behind the prompt in one forward (see :mod:`ilora_cli.llm.scoring`).
         Both paths go through ``forward`` so that a DDP wrapper sees every training computation.
         Returns (outputs or scores, gates).
         """
@@ -166,32 +165,52 @@ class ILoraModel(nn.Module):
             return self._score(embeds, batch.attention_mask, positions, answers, answer_mask), gates
 
     def _score(self, embeds, attention_mask, positions, answers, answer_mask) -> torch.Tensor:
-        n_rows = embeds.shape[0]
+        """(B, C) summed answer-token log-probabilities, all candidates in one forward after the prompt.
+
+        The prompt is encoded once. Behind it, each row carries its C answers packed end to end (token j of
+        an answer predicts token j+1; the prompt's last position predicts every answer's first token). A
+        block mask lets each answer token see the prompt and the earlier tokens of its own answer only,
+        and its position continues the prompt's, so every candidate is scored exactly as if it followed
+        the prompt alone -- without copying the prompt's keys and values per candidate, and without
+        padding every answer to the longest title of the batch.
+        """
+        n_rows, prompt_len = attention_mask.shape
         n_cands = answers.shape[0] // n_rows
-        # Only the last prompt position's logits are needed: logits_to_keep=1 skips the vocabulary
-        # projection (and its backward) for every other position, a large share of the cost.
+        device = embeds.device
+        impl = getattr(self.llm.config, "_attn_implementation", None)
+        if impl not in (None, "sdpa", "eager"):
+            raise ValueError(f"candidate scoring needs the sdpa or eager attention implementation, not {impl!r}")
+        # Packed inputs: answer tokens that have a successor, flattened in (b, c, j) order.
+        has_next = answer_mask[:, 1:].bool()  # (B*C, La-1)
+        inputs, targets = answers[:, :-1][has_next], answers[:, 1:][has_next]  # (N,)
+        owner = torch.arange(answers.shape[0], device=device)[:, None].expand_as(has_next)[has_next]  # (N,) b*C+c
+        offset_in_answer = torch.arange(has_next.shape[1], device=device).expand_as(has_next)[has_next]  # (N,) j
+        row = owner // n_cands
+        per_row = torch.bincount(row, minlength=n_rows)  # (B,) packed length of each row
+        width = int(per_row.max()) if inputs.numel() else 0
+        col = torch.arange(len(row), device=device) - (torch.cumsum(per_row, 0) - per_row)[row]  # (N,)
+        packed = answers.new_full((n_rows, width), 0)
+        packed[row, col] = inputs
+        block = answers.new_full((n_rows, width), -1)  # the answer (b*C+c) of each packed slot; -1 = padding
+        block[row, col] = owner
+        real_len = attention_mask.sum(-1)  # (B,)
+        answer_pos = torch.zeros((n_rows, width), dtype=torch.long, device=device)
+        answer_pos[row, col] = real_len[row] + offset_in_answer  # continues the prompt's positions
+
+        all_embeds = torch.cat([embeds, self.llm.get_input_embeddings()(packed).to(embeds.dtype)], dim=1)
+        all_pos = torch.cat([positions, answer_pos], dim=1)
+        mask = _packed_mask(attention_mask.bool(), block, embeds.dtype)
         out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
+            inputs_embeds=all_embeds,
+            attention_mask=mask,
+            position_ids=all_pos,
+            use_cache=False,
+            logits_to_keep=width + 1,  # the prompt's last position and every packed slot
         )
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts answer token 0
-        first = first.repeat_interleave(n_cands, dim=0)  # (B*C, V)
-        token_logp = [first.gather(1, answers[:, :1])]  # [(B*C, 1)]
-        if answers.shape[1] > 1:
-            cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.2x
-            cache.batch_repeat_interleave(n_cands)  # (B*C, ...) in (b, c) order, like the gates
-            rest = answers[:, :-1]  # (B*C, La-1): token j predicts token j+1
-            mask = torch.cat([attention_mask.repeat_interleave(n_cands, dim=0), answer_mask[:, :-1]], dim=1)
-            start = attention_mask.sum(-1).repeat_interleave(n_cands)[:, None]  # (B*C, 1) real prompt length
-            pos = start + torch.arange(rest.shape[1], device=rest.device)  # (B*C, La-1)
-            out2 = self.llm(input_ids=rest, attention_mask=mask, position_ids=pos, **cache_kwargs(self.llm, cache))
-            logp = torch.log_softmax(out2.logits.float(), dim=-1)  # (B*C, La-1, V)
-            token_logp.append(logp.gather(2, answers[:, 1:].unsqueeze(-1)).squeeze(-1))  # (B*C, La-1)
-        token_logp = torch.cat(token_logp, dim=1) * answer_mask  # (B*C, La)
-        return token_logp.sum(-1).view(n_rows, n_cands)  # (B, C)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, 1 + W, V)
+        first = logp[:, 0].gather(1, answers[:, 0].view(n_rows, n_cands))  # (B, C): answer token 0
+        rest = logp[row, 1 + col].gather(1, targets[:, None]).squeeze(1)  # (N,): tokens 1..L-1
+        return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups: LoRA, projector, gate (the gate trains at its own learning rate)."""
@@ -203,11 +222,27 @@ class ILoraModel(nn.Module):
         return {"lora": lora, "projector": projector, "gate": gate}
 
 
-def cache_kwargs(llm, cache) -> dict:
-    """Pass a key/value cache under the name this transformers version expects (``cache`` from 5.2x on)."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    return {name: cache}
+def _packed_mask(prompt_mask: torch.Tensor, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T+W, T+W) additive attention mask for a left-padded prompt followed by packed answers.
+
+    Prompt tokens: causal over the prompt's real tokens. Packed answer tokens: every real prompt token,
+    plus the earlier tokens of their own answer. Every position may attend to itself, so no row is
+    fully masked (padding rows stay finite and are never attended to by real tokens).
+    """
+    n_rows, t = prompt_mask.shape
+    w = block.shape[1]
+    device = prompt_mask.device
+    n = t + w
+    idx = torch.arange(n, device=device)
+    causal = idx[None, :] <= idx[:, None]  # (n, n)
+    key_real = torch.cat([prompt_mask, block >= 0], dim=1)  # (B, n)
+    allowed = causal[None] & key_real[:, None, :]  # (B, n, n)
+    # answer queries see answer keys of their own block only (and all real prompt keys)
+    same_block = block[:, :, None] == block[:, None, :]  # (B, W, W)
+    allowed[:, t:, t:] &= same_block
+    allowed |= torch.eye(n, dtype=torch.bool, device=device)[None]
+    mask = torch.zeros((n_rows, 1, n, n), dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
 
 def attach_lora(base: nn.Module, config: ExpertConfig, init_lora_weights: bool | str = True):

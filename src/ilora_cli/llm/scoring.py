@@ -1,8 +1,10 @@
-"""Candidate scoring on a shared cached prefix: log p(title + end | prompt) for every candidate.
+"""Candidate scoring on a shared prompt: log p(title + end | prompt) for every candidate.
 
-The prompt is encoded once; its key/value cache is repeated for the C candidates and all candidate
-titles are scored in one batched forward — not with C full forwards. Used by the listwise ``rank``
-training objective (with gradients) and by score-mode evaluation (without).
+The prompt is encoded once and the C candidate titles are packed behind it in the same forward, each
+seeing the prompt and its own earlier tokens only (a block attention mask, positions continuing the
+prompt's) — not C full forwards, no per-candidate copy of the prompt's keys and values, and no padding
+of every title to the longest one. Used by the listwise ``rank`` training objective (with gradients) and
+by score-mode evaluation (without).
 """
 
 from __future__ import annotations

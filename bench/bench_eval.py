@@ -3,9 +3,10 @@
 1. score mode (prompt encoded once, 20 titles packed behind it in the same forward) against naive scoring (one full
    prompt + title forward per candidate, batched per user): speed-up (target ≥ 5×) and max |Δ score|;
 2. score mode against generate mode (greedy, stopped at the end token): time ratio (aim ≤ 1.5×);
-3. single-user ``recommend`` latency (encoder retrieval of 20 + LLM rerank), after loading;
-4. length normalisation: HR@1 etc. with the sum vs the mean of title token log-probabilities, on the
-   validation predictions of a trained run.
+3. single-user ``recommend`` latency (encoder retrieval of 20 + LLM rerank), after loading.
+
+Sum vs mean length normalisation is compared on the validation predictions of every run of
+``bench/bench_objectives.py``.
 
 Usage: python bench/bench_eval.py [--run RUN] [--dataset lastfm] [--users 16]
 """
@@ -16,11 +17,10 @@ import argparse
 import dataclasses
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import ensure_dataset, normalisation_metrics, write_result
+from common import ensure_dataset, write_result
 
 
 @torch.no_grad()
@@ -69,7 +69,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     from ilora_cli.data.prepared import PreparedDataset
-    from ilora_cli.evaluation.evaluate import EvalConfig, evaluate
     from ilora_cli.evaluation.llm import generate_answers, score_candidates
     from ilora_cli.evaluation.recommend import RecommendConfig, Recommender
     from ilora_cli.home import run_dir
@@ -117,9 +116,6 @@ def main() -> None:
     doc["recommend_latency_seconds_median"] = statistics.median(lat)
     doc["recommend_latency_seconds_all"] = lat
 
-    ev = evaluate(EvalConfig(runs=[path], quiet=True, predictions=f"{path}/bench-val-predictions.jsonl"))
-    norm = normalisation_metrics(Path(f"{path}/bench-val-predictions.jsonl"), run.builder)
-    doc["length_normalisation"] = {"val_rows": ev["n_rows"], "draws": ev["draws"], **norm}
     write_result(f"eval-{args.dataset}", doc)
 
 

@@ -5,6 +5,7 @@ rows, then is evaluated in score mode on the validation rows (stored 20-candidat
 gives HR@1 = 0.05. Usage:
 
     python bench/bench_objectives.py [--samples 256] [--draws 2] [--dataset lastfm] [--only rank+hybrid ...]
+                                     [--normalize mean]   # the rank objective on mean scores: rows "rank+...+mean"
 
 Results are written after each configuration, so an interrupted run keeps what it finished; ``--only``
 runs a subset and merges it into the existing result file. Score mode uses the sum of the title's token
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    ap.add_argument("--normalize", choices=("sum", "mean"), default="sum", help="the rank objective's scores")
     args = ap.parse_args()
     from ilora_cli.evaluation.evaluate import EvalConfig, evaluate
     from ilora_cli.home import run_dir
@@ -44,7 +46,8 @@ def main() -> None:
     rows = json.loads(previous.read_text())["results"] if previous.is_file() else {}
     for key in args.only:
         objective, prompt = key.split("+")
-        name = f"bench-{args.dataset}-{objective}-{prompt}-{args.samples}"
+        suffix = "-mean" if args.normalize == "mean" and objective == "rank" else ""
+        name = f"bench-{args.dataset}-{objective}-{prompt}-{args.samples}{suffix}"
         t = time.perf_counter()
         result = train(
             TrainConfig(
@@ -52,6 +55,7 @@ def main() -> None:
                 name=name,
                 objective=objective,
                 prompt=prompt,
+                normalize=args.normalize,
                 max_train_samples=args.samples,
                 batch_size=args.batch_size,
                 overwrite=True,
@@ -60,11 +64,11 @@ def main() -> None:
         )
         train_min = (time.perf_counter() - t) / 60
         t = time.perf_counter()
-        ev = evaluate(EvalConfig(runs=[str(run_dir(name))], draws=args.draws, quiet=True))
+        ev = evaluate(EvalConfig(runs=[str(run_dir(name))], draws=args.draws, normalize="sum", quiet=True))
         eval_min = (time.perf_counter() - t) / 60
         m = ev["metrics"]
         norm = normalisation_metrics(Path(ev["results"][name]["predictions"]), load_run(run_dir(name)).builder)
-        rows[key] = {
+        rows[key + suffix.replace("-", "+")] = {
             "hr@1": m["hr@1"],
             "hr@5": m["hr@5"],
             "ndcg@5": m["ndcg@5"],

@@ -190,3 +190,38 @@ def test_cli_recommend_single_batch_and_bad_input(world, tmp_path):
     h.write_text("[1, 2, 3]")
     r = run_cli("recommend", "--run", str(broken), "--user-history", str(h), home=world)
     assert r.returncode == 2 and "backbone" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_run_trained_on_mean_scores_is_evaluated_on_mean_scores(world, tmp_path):
+    from ilora_cli.training.run import load_run
+
+    train(
+        TrainConfig(
+            dataset="cyc",
+            backbone=str(world / "tiny-backbone"),
+            name="ev-mean",
+            normalize="mean",
+            max_steps=1,
+            batch_size=4,
+            candidates=6,
+            quiet=True,
+        )
+    )
+    assert json.loads((world / "runs" / "ev-mean" / "ilora.json").read_text())["normalize"] == "mean"
+    docs = {
+        n: evaluate(
+            EvalConfig(
+                runs=["ev-mean"], normalize=n, max_samples=4, draws=1, predictions=tmp_path / f"{n}.jsonl", quiet=True
+            )
+        )
+        for n in (None, "sum")
+    }
+    assert docs[None]["normalize"] == "mean" and docs["sum"]["normalize"] == "sum"
+    preds = {
+        n: [json.loads(x) for x in open(d["results"]["ev-mean"]["predictions"], encoding="utf-8")]
+        for n, d in docs.items()
+    }
+    builder = load_run(world / "runs" / "ev-mean").builder
+    for mean_line, sum_line in zip(preds[None], preds["sum"]):
+        lengths = np.array([len(builder.answer_ids(c)) for c in sum_line["candidates"]])
+        np.testing.assert_allclose(mean_line["scores"], np.array(sum_line["scores"]) / lengths, atol=1e-4)

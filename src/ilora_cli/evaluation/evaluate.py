@@ -27,7 +27,7 @@ class EvalConfig:
     split: str = "val"  # val or test
     mode: str = "score"  # score (log-likelihood ranking) or generate (the paper's protocol)
     candidates: str = "stored"  # stored (the frozen draws) or retrieve:N (encoder top-N, LLM rerank)
-    normalize: str = "sum"  # score mode: sum or mean of the title's token log-probabilities
+    normalize: str | None = None  # score mode: sum or mean of title token log-probs (default: the run's)
     batch_size: int = 8  # prompts per forward
     num_beams: int = 1  # generate mode: beams (1 = greedy)
     draws: int | None = None  # use only the first N stored draws
@@ -43,7 +43,7 @@ class EvalConfig:
             raise UserError(f"Unknown mode {self.mode!r}; choose score or generate.")
         if self.split not in ("val", "test"):
             raise UserError(f"Unknown split {self.split!r}; choose val or test.")
-        if self.normalize not in ("sum", "mean"):
+        if self.normalize not in (None, "sum", "mean"):
             raise UserError(f"normalize must be sum or mean; got {self.normalize!r}.")
         if self.candidates != "stored" and not _retrieve_n(self.candidates):
             raise UserError(f"--candidates must be 'stored' or 'retrieve:N'; got {self.candidates!r}.")
@@ -134,6 +134,7 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
     per_draw: list[dict[str, float]] = []
     lines: list[dict[str, Any]] = []
     total = n if retrieve else n * draws
+    normalize = config.normalize or run.normalize
     t0 = time.perf_counter()
     with progress(disable=config.quiet) as bar:
         task = bar.add_task(f"{label} ({config.mode})", total=total, info="")
@@ -143,7 +144,7 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
 
         if retrieve:
             cands = retrieve_candidates(run.model.encoder, split, retrieve)  # (N, R)
-            scores, gates = score_candidates(run, histories, cands, config.batch_size, config.normalize, tick)
+            scores, gates = score_candidates(run, histories, cands, config.batch_size, normalize, tick)
             ranks = _rerank_ranks(scores, cands, split.next)
             per_draw.append(metrics.ranking_metrics(ranks, ks=(1, 5, 10), ndcg_ks=(5, 10)))
             for i in range(n):
@@ -151,7 +152,7 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
         for d in range(0 if retrieve else draws):
             cands = split.candidates[:, d]  # (N, C)
             if config.mode == "score":
-                scores, gates = score_candidates(run, histories, cands, config.batch_size, config.normalize, tick)
+                scores, gates = score_candidates(run, histories, cands, config.batch_size, normalize, tick)
                 ranks = metrics.rank_of_target(scores, _target_columns(cands, split.next))
                 per_draw.append(metrics.ranking_metrics(ranks))
                 for i in range(n):
@@ -189,6 +190,7 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
         tmp.replace(pred_file)
     return {
         "metrics": metrics.aggregate(per_draw),
+        "normalize": normalize if config.mode == "score" else None,
         "seconds": round(seconds, 3),
         "predictions": str(pred_file) if pred_file else None,
     }
@@ -280,7 +282,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "protocol": protocol,
         "n_rows": len(split),
         "draws": 1 if retrieve else int(split.candidates.shape[1]),
-        "normalize": config.normalize if config.mode == "score" else None,
+        "normalize": first.get("normalize"),
         "metrics": first["metrics"],
         "results": results,
     }

@@ -20,7 +20,7 @@ class RecommendConfig:
     candidates: Path | None = None  # JSON list of ids/titles to rank (default: encoder retrieval)
     top_k: int = 10  # recommendations per user
     retrieve: int = 20  # without --candidates: the encoder's top-N of the catalogue, reranked by the LLM
-    normalize: str = "sum"  # sum or mean of the title's token log-probabilities
+    normalize: str | None = None  # sum or mean of title token log-probs (default: the run's)
     device: str = "cpu"  # cpu or cuda
 
     def validate(self) -> None:
@@ -28,6 +28,8 @@ class RecommendConfig:
             raise UserError("Pass --run RUN_DIR (a trained run).")
         if self.user_history is None:
             raise UserError("Pass --user-history FILE.json (a list of item ids or titles).")
+        if self.normalize not in (None, "sum", "mean"):
+            raise UserError(f"normalize must be sum or mean; got {self.normalize!r}.")
         if self.top_k < 1 or self.retrieve < 1:
             raise UserError("--top-k and retrieve must be at least 1.")
 
@@ -148,7 +150,7 @@ class Recommender:
             scores[history] = float("-inf")
             n = min(self.config.retrieve, len(self.run.titles) - len(set(history)))
             cands = scores.topk(n).indices.numpy()[None]
-        s, g = score_candidates(self.run, [history], cands, 1, self.config.normalize)
+        s, g = score_candidates(self.run, [history], cands, 1, self.config.normalize or self.run.normalize)
         order = np.argsort(-s[0], kind="stable")[: self.config.top_k]
         return {
             "history": [{"item_id": i, "title": self.run.titles[i]} for i in history],

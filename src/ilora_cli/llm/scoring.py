@@ -47,8 +47,13 @@ def candidate_logprobs(
     answers, answer_mask = pad_answers(builder, candidates.tolist())
     device = prefix.input_ids.device
     scores, gates = model(prefix, answers=answers.to(device), answer_mask=answer_mask.to(device))  # (B, C)
+    return normalise_scores(scores, answer_mask.to(device), normalize), gates
+
+
+def normalise_scores(scores: torch.Tensor, answer_mask: torch.Tensor, normalize: str) -> torch.Tensor:
+    """(B, C) summed log-probabilities as they are (``sum``) or divided by each title's token count (``mean``)."""
     if normalize == "mean":
-        scores = scores / answer_mask.to(device).sum(-1).view_as(scores)
-    elif normalize != "sum":
+        return scores / answer_mask.sum(-1).view_as(scores)
+    if normalize != "sum":
         raise ValueError(f"unknown normalisation {normalize!r}")
-    return scores, gates
+    return scores

@@ -46,6 +46,7 @@ class TrainConfig:
     target_modules: str = "all-linear"  # which linear layers get LoRA (peft syntax; comma list allowed)
     prompt: str = "hybrid"  # hybrid (projected item embeddings in the prompt) or text (TALLRec-style)
     objective: str = "rank"  # rank (listwise over candidate titles) or generate (answer cross-entropy)
+    normalize: str = "sum"  # candidate score: sum or mean of title token log-probs (rank objective, eval)
     candidates: int = 20  # candidates in each training prompt
     lr: float = 5e-4  # LoRA learning rate
     projector_lr: float = 2e-3  # projector learning rate (high enough that it moves in short runs)
@@ -72,6 +73,8 @@ class TrainConfig:
             raise UserError(f"Unknown gate {self.gate!r}; choose one of: {', '.join(GATE_TYPES)}.")
         if self.objective not in OBJECTIVES:
             raise UserError(f"Unknown objective {self.objective!r}; choose rank or generate.")
+        if self.normalize not in ("sum", "mean"):
+            raise UserError(f"normalize must be sum or mean; got {self.normalize!r}.")
         if self.prompt not in PROMPTS:
             raise UserError(f"Unknown prompt {self.prompt!r}; choose hybrid or text.")
         if self.experts < 1 or self.rank < 1 or self.rank % self.experts:
@@ -153,7 +156,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from ..llm.backbone import BackboneSpec, load_backbone, prepare_for_training
     from ..llm.model import ExpertConfig, ILoraModel, attach_lora
     from ..llm.prompt import PromptBuilder
-    from ..llm.scoring import pad_answers
+    from ..llm.scoring import normalise_scores, pad_answers
     from .checkpoint import list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
     from .run import file_sha256, write_final
     from .samples import TrainSamples
@@ -315,11 +318,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         loss = out.loss
                     else:
                         answers, answer_mask = pad_answers(builder, batch.candidates.tolist())
-                        scores, _ = model(
-                            batch,
-                            answers=answers.to(accelerator.device),
-                            answer_mask=answer_mask.to(accelerator.device),
-                        )
+                        answer_mask = answer_mask.to(accelerator.device)
+                        scores, _ = model(batch, answers=answers.to(accelerator.device), answer_mask=answer_mask)
+                        scores = normalise_scores(scores, answer_mask, config.normalize)
                         loss = torch.nn.functional.cross_entropy(scores, target_index.to(accelerator.device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -407,6 +408,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             },
             "prompt": config.prompt,
             "objective": config.objective,
+            "normalize": config.normalize,
             "templates": "ilora-v1",
             "encoder": {
                 "type": enc_info["type"],

@@ -87,6 +87,11 @@ class LoadedRun:
     info: dict[str, Any]
     titles: list[str]
 
+    @property
+    def normalize(self) -> str:
+        """The candidate-score normalisation the run was trained with (runs that predate the key: sum)."""
+        return self.info.get("normalize", "sum")
+
 
 def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None = None) -> LoadedRun:
     """Rebuild a trained run from its directory alone (plus the backbone it names)."""

@@ -46,7 +46,7 @@ class TrainConfig:
     target_modules: str = "all-linear"  # which linear layers get LoRA (peft syntax; comma list allowed)
     prompt: str = "hybrid"  # hybrid (projected item embeddings in the prompt) or text (TALLRec-style)
     objective: str = "rank"  # rank (listwise over candidate titles) or generate (answer cross-entropy)
-    normalize: str = "sum"  # candidate score: sum or mean of title token log-probs (rank objective, eval)
+    normalize: str = "mean"  # candidate score: mean or sum of title token log-probs (rank objective, eval)
     candidates: int = 20  # candidates in each training prompt
     lr: float = 5e-4  # LoRA learning rate
     projector_lr: float = 2e-3  # projector learning rate (high enough that it moves in short runs)

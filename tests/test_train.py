@@ -71,6 +71,12 @@ def test_train_writes_a_complete_run_that_reloads_identically(world, tmp_path):
     params = dict(run.model.named_parameters())
     for name, value in ckpt.items():
         assert torch.equal(params[name].detach(), value), name
+    from ilora_cli.training.loop import is_trained_weight, weights_digest
+
+    assert set(ckpt) == {n for n in params if is_trained_weight(n)}
+
+    stored = (run_dir / "logs" / "weights-rank0.sha256").read_text().strip()
+    assert weights_digest(run.model) == stored
     # a fresh process gives identical logits and gates
     outs = []
     for _ in range(2):
@@ -101,10 +107,15 @@ def test_resume_continues_exactly(world):
     part = train(_cfg(world, name="part", max_steps=5, lora_dropout=0.1, stop_after=2))
     assert part["steps"] == 2 and not part["complete"]
     assert not (world / "runs" / "part" / "ilora.json").exists()
+    log = world / "runs" / "part" / "logs" / "train.jsonl"
+    with open(log, "a", encoding="utf-8") as fh:  # what a process killed during step 3 leaves behind
+        fh.write(json.dumps({"step": 3, "loss": 9.9}) + "\n")
     resumed = train(_cfg(world, name="part", max_steps=5, lora_dropout=0.1, resume=True))
     assert resumed["steps"] == 5 and resumed["resumed_from"].endswith("step-000002")
     assert resumed["weights_sha256"] == full["weights_sha256"]
     assert resumed["final_loss"] == full["final_loss"]
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_generate_objective_and_text_prompt(world):

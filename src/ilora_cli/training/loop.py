@@ -289,6 +289,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             err.print(f"Resuming from {resumed_from} at step {step}.")
 
     log_file = run_dir / "logs" / "train.jsonl"
+    if main and resumed_from:
+        _truncate_log(log_file, step)  # steps logged after the checkpoint (before a kill) are run again
     tb = _tensorboard(run_dir / "logs") if main else None
     model.train()
     rank_ = accelerator.process_index
@@ -435,16 +437,33 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def is_trained_weight(name: str) -> bool:
+    """Whether an :class:`ILoraModel` parameter is one that training changes (and a run saves)."""
+    return "lora_" in name or name.startswith(("projector.", "gate.", "token_routers."))
+
+
 def weights_digest(model) -> str:
-    """SHA-256 over the trainable weights (name order), to compare processes or runs bit for bit."""
+    """SHA-256 over the weights that training changes (LoRA, projector, gate, token routers; name order),
+    to compare processes, runs, or a run with its reloaded copy bit for bit. Chosen by name, not by
+    ``requires_grad``, so that a reloaded (frozen) run hashes the same set."""
     import hashlib
 
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
-        if p.requires_grad:
+        if is_trained_weight(name):
             h.update(name.encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Keep the log records up to ``step``, written atomically."""
+    if not log_file.is_file():
+        return
+    kept = [x for x in log_file.read_text(encoding="utf-8").splitlines() if x and json.loads(x)["step"] <= step]
+    tmp = log_file.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    tmp.replace(log_file)
 
 
 def _targets(spec: str):

@@ -174,7 +174,7 @@ class ILoraModel(nn.Module):
         the prompt alone -- without copying the prompt's keys and values per candidate, and without
         padding every answer to the longest title of the batch.
         """
-        n_rows, prompt_len = attention_mask.shape
+        n_rows = attention_mask.shape[0]
         n_cands = answers.shape[0] // n_rows
         device = embeds.device
         impl = getattr(self.llm.config, "_attn_implementation", None)

@@ -4,7 +4,8 @@
 2. loop overhead: samples/s of ``ilora train`` / a bare forward+backward+step on the same batches (≥ 0.90);
 3. memory: peak RSS of a few training steps with the backbone in 4-bit vs fp32 (report the ratio).
 
-Usage: python bench/bench_train.py [--dataset synthetic] [--steps 6] [--skip-memory]
+Usage: python bench/bench_train.py [--dataset synthetic] [--steps 6] [--only mixture loop memory]
+           [--memory-objective generate] [--memory-steps 2]
 """
 
 from __future__ import annotations
@@ -153,21 +154,27 @@ MEM = r"""
 import re, sys, tempfile
 from ilora_cli.training.loop import TrainConfig, train
 with tempfile.TemporaryDirectory() as tmp:
-    train(TrainConfig(dataset=sys.argv[1], output=tmp + "/run", max_steps=2, batch_size=8, quiet=True,
-                      objective="generate", load_in_4bit=sys.argv[2] == "4bit"))
+    train(TrainConfig(dataset=sys.argv[1], output=tmp + "/run", max_steps=int(sys.argv[4]), batch_size=8, quiet=True,
+                      objective=sys.argv[3], load_in_4bit=sys.argv[2] == "4bit"))
 print(int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)))
 """
 
 
-def memory(dataset_name: str) -> dict:
-    out = {}
+def memory(dataset_name: str, objective: str, steps: int) -> dict:
+    """Peak RSS of a fresh process that loads the backbone and trains ``steps`` steps, fp32 and NF4."""
+    out = {"objective": objective, "steps": steps, "batch": 8}
     for mode in ("fp32", "4bit"):
-        r = subprocess.run([sys.executable, "-c", MEM, dataset_name, mode], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-c", MEM, dataset_name, mode, objective, str(steps)], capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-2000:])
         out[f"{mode}_peak_rss_mib"] = int(r.stdout.strip().splitlines()[-1]) / 1024
     out["ratio_4bit_over_fp32"] = out["4bit_peak_rss_mib"] / out["fp32_peak_rss_mib"]
     return out
+
+
+PARTS = ("mixture", "loop", "memory")
 
 
 def main() -> None:
@@ -176,7 +183,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--objective", default="rank")
-    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
+    ap.add_argument("--memory-objective", default="generate")
+    ap.add_argument("--memory-steps", type=int, default=2)
     args = ap.parse_args()
     from ilora_cli.data.prepared import PreparedDataset
 
@@ -185,11 +194,14 @@ def main() -> None:
         return
     dataset = PreparedDataset.open(args.dataset)
     doc = {"dataset": args.dataset, "backbone": "SmolLM2-135M-Instruct (default)"}
-    doc["mixture_cost"] = mixture_cost(dataset, args.steps, args.batch_size)
-    doc["loop_overhead"] = loop_overhead(dataset, args.steps, args.batch_size, args.objective)
-    if not args.skip_memory:
-        doc["memory"] = memory(args.dataset)
-    write_result("train", doc)
+    if "mixture" in args.only:
+        doc["mixture_cost"] = mixture_cost(dataset, args.steps, args.batch_size)
+    if "loop" in args.only:
+        doc["loop_overhead"] = loop_overhead(dataset, args.steps, args.batch_size, args.objective)
+    if "memory" in args.only:
+        doc["memory"] = memory(args.dataset, args.memory_objective, args.memory_steps)
+    # the full run keeps the name "train"; a partial one gets its own file
+    write_result("train" if set(args.only) == set(PARTS) else f"train-{args.dataset}-{'-'.join(args.only)}", doc)
 
 
 if __name__ == "__main__":

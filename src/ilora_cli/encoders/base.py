@@ -34,6 +34,36 @@ class SequentialEncoder(nn.Module):
         """(B, n_items) dot-product scores of every catalogue item."""
         return self(seq, len_seq) @ self.item_embeddings().T  # (B, d) @ (d, N) -> (B, N)
 
+    def score_candidates(self, seq: torch.Tensor, len_seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, C) dot-product scores of each row's candidates: the same numbers as ``score_all`` picks out."""
+        user = self(seq, len_seq)  # (B, d)
+        items = self.item_embedding(candidates)  # (B, C, d)
+        return torch.einsum("bd,bcd->bc", user, items)  # (B, C)
+
+    @torch.no_grad()
+    def top_items(self, seq, len_seq, n: int, batch_size: int = 1024):
+        """(N, n) numpy array: each row's ``n`` best-scored items of the whole catalogue, its history excluded.
+
+        ``seq`` (N, L) and ``len_seq`` (N,) may be numpy arrays or tensors on any device; the work happens on
+        the encoder's device and the result comes back to the CPU.
+        """
+        import numpy as np
+
+        device = self.item_embedding.weight.device
+        seq = torch.as_tensor(seq, dtype=torch.long)
+        len_seq = torch.as_tensor(len_seq, dtype=torch.long)
+        out = []
+        for start in range(0, len(seq), batch_size):
+            s = seq[start : start + batch_size].to(device)  # (b, L)
+            lens = len_seq[start : start + batch_size].to(device)  # (b,)
+            scores = self.score_all(s, lens).float()  # (b, n_items)
+            # one spare column takes the padding id (= n_items) and the history gets -inf
+            scores = torch.cat([scores, scores.new_zeros(len(s), 1)], dim=1)  # (b, n_items + 1)
+            history = s.masked_fill(~real_mask(s, lens), self.n_items)  # (b, L): padding -> the spare column
+            scores.scatter_(1, history, float("-inf"))
+            out.append(scores[:, :-1].topk(n, dim=1).indices.cpu().numpy())  # (b, n)
+        return np.concatenate(out) if out else np.zeros((0, n), dtype=np.int64)
+
 
 def real_mask(seq: torch.Tensor, len_seq: torch.Tensor) -> torch.Tensor:
     """(B, L) True at real positions (< len_seq), False at padding, whatever ids the padding holds."""

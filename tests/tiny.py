@@ -10,9 +10,10 @@ def word_tokenizer(titles: list[str], extra_words: str = ""):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ilora_cli.llm.prompt import TEMPLATES
+    from ilora_cli.llm.prompt import TEMPLATE_SETS
 
-    text = " ".join(titles) + " " + " ".join(TEMPLATES) + " " + extra_words
+    templates = " ".join(t for ts in TEMPLATE_SETS.values() for t in ts)
+    text = " ".join(titles) + " " + templates + " " + extra_words
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     words = sorted({w for w, _ in pre.pre_tokenize_str(text)})
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}

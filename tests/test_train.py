@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ilora_cli.errors import UserError
 from ilora_cli.training.checkpoint import list_checkpoints
 from ilora_cli.training.loop import TrainConfig, train
 
@@ -121,6 +122,53 @@ def test_resume_continues_exactly(world):
 def test_generate_objective_and_text_prompt(world):
     r = train(_cfg(world, name="gen", max_steps=2, objective="generate", prompt="text", experts=1))
     assert r["complete"] and not (world / "runs" / "gen" / "projector.safetensors").exists()
+
+
+def test_rank_levers_train_save_and_reload(world):
+    """Compact templates, distillation, hard negatives and a learned fusion weight, end to end."""
+    from ilora_cli.training.loop import weights_digest
+    from ilora_cli.training.run import load_run
+
+    r = train(
+        _cfg(
+            world,
+            name="levers",
+            max_steps=3,
+            templates="compact",
+            distill_weight=0.5,
+            distill_temperature=2.0,
+            hard_negatives=0.5,
+            hard_pool=8,
+            fusion_lr=0.1,
+        )
+    )
+    run_dir = world / "runs" / "levers"
+    info = json.loads((run_dir / "ilora.json").read_text())
+    assert info["templates"] == "compact" and r["complete"]
+    beta = info["fusion"]["weight"]
+    assert beta == pytest.approx(r["fusion_weight"]) and beta != 1.0  # trained away from its initial value
+    log = [json.loads(x) for x in (run_dir / "logs" / "train.jsonl").read_text().splitlines()]
+    assert {"loss_listwise", "loss_distill", "loss_fused", "fusion_weight"} <= set(log[-1])
+    run = load_run(run_dir)
+    assert run.fusion_weight == beta and run.builder.template_set == "compact"
+    assert weights_digest(run.model) == r["weights_sha256"]  # β is among the saved, reloaded weights
+
+
+def test_rank_only_settings_are_refused_with_the_generate_objective(world):
+    ok = TrainConfig(objective="generate")
+    ok.validate()
+    assert ok.fusion == "none" and ok.distill_weight == 0.0
+    for bad, msg in (
+        (dict(objective="generate", fusion="learned"), "only the rank objective"),
+        (dict(objective="generate", distill_weight=0.3), "only the rank objective"),
+        (dict(distill_weight=-1), "distill_weight"),
+        (dict(distill_temperature=0), "distill_temperature"),
+        (dict(hard_negatives=1.5), "hard_negatives"),
+        (dict(fusion="maybe"), "Unknown fusion"),
+        (dict(templates="long"), "template set"),
+    ):
+        with pytest.raises(UserError, match=msg):
+            TrainConfig(**bad).validate()
 
 
 def test_existing_run_is_refused_and_bad_config_is_one_sentence(world):

@@ -43,10 +43,27 @@ class Projector(nn.Module):
         return self.net(x)
 
 
-class ILoraModel(nn.Module):
-    """A peft LoRA model plus projector and gate; ``forward`` applies per-sample expert mixtures."""
+class Fusion(nn.Module):
+    """The weight β of the fused candidate score ``s + β · e`` (language model + encoder), one scalar."""
 
-    def __init__(self, llm: nn.Module, tokenizer, encoder: nn.Module, config: ExpertConfig):
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(float(weight)))
+
+    def forward(self, llm: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
+        return llm.float() + self.weight * encoder.float()  # (B, C)
+
+
+class ILoraModel(nn.Module):
+    """A peft LoRA model plus projector and gate; ``forward`` applies per-sample expert mixtures.
+
+    With ``fusion`` (the initial β), the model also owns the weight of the encoder in fused candidate
+    scores; it is trained with the other weights and saved with the run.
+    """
+
+    def __init__(
+        self, llm: nn.Module, tokenizer, encoder: nn.Module, config: ExpertConfig, fusion: float | None = None
+    ):
         super().__init__()
         config.validate()
         self.config = config
@@ -66,6 +83,7 @@ class ILoraModel(nn.Module):
             if config.gate == "token" and config.experts > 1
             else None
         )
+        self.fusion = Fusion(fusion) if fusion is not None else None
         self.history_id = tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
         self.candidate_id = tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)
 
@@ -109,6 +127,11 @@ class ILoraModel(nn.Module):
     def user_representation(self, batch: PromptBatch) -> torch.Tensor:
         with torch.no_grad():
             return self.encoder(batch.history, batch.history_len).float()  # (B, d_item)
+
+    def encoder_scores(self, batch: PromptBatch) -> torch.Tensor:
+        """(B, C) the frozen encoder's score of each candidate in the prompt (user · item embedding)."""
+        with torch.no_grad():
+            return self.encoder.score_candidates(batch.history, batch.history_len, batch.candidates).float()
 
     def gates(self, batch: PromptBatch, embeds: torch.Tensor) -> torch.Tensor:
         """(B, K) expert weights for each sequence (uniform for the token gate, which routes per token)."""
@@ -213,13 +236,14 @@ class ILoraModel(nn.Module):
         return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Parameter groups: LoRA, projector, gate (the gate trains at its own learning rate)."""
+        """Parameter groups: LoRA, projector, gate, fusion (each trains at its own learning rate)."""
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
         gate = [p for p in self.gate.parameters()]
         if self.token_routers is not None:
             gate += list(self.token_routers.parameters())
         projector = list(self.projector.parameters()) if self.projector is not None else []
-        return {"lora": lora, "projector": projector, "gate": gate}
+        fusion = list(self.fusion.parameters()) if self.fusion is not None else []
+        return {"lora": lora, "projector": projector, "gate": gate, "fusion": fusion}
 
 
 def _packed_mask(prompt_mask: torch.Tensor, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -21,9 +21,12 @@ from ..errors import UserError
 from ..home import check_name
 from ..home import run_dir as named_run_dir
 from ..llm.experts import GATE_TYPES
+from ..llm.prompt import TEMPLATE_SETS
 
 OBJECTIVES = ("rank", "generate")
 PROMPTS = ("hybrid", "text")
+FUSIONS = ("learned", "none")
+DEFAULT_DISTILL_WEIGHT = 0.0  # the rank objective's distillation weight (docs/BENCHMARKS.md: the measurement)
 
 
 @dataclass
@@ -47,6 +50,16 @@ class TrainConfig:
     prompt: str = "hybrid"  # hybrid (projected item embeddings in the prompt) or text (TALLRec-style)
     objective: str = "rank"  # rank (listwise over candidate titles) or generate (answer cross-entropy)
     normalize: str = "mean"  # candidate score: mean or sum of title token log-probs (rank objective, eval)
+    templates: str = "ilora-v1"  # prompt template set: ilora-v1 (paraphrases) or compact (about 30% fewer tokens)
+    distill_weight: float | None = None  # λ of the KL term towards the encoder's softmax over the candidates
+    # (rank objective; None: the objective's default)
+    distill_temperature: float = 1.0  # τ of that KL term (both softmaxes)
+    fusion: str | None = None  # learned: rank by LLM score + β·encoder score with β trained (rank objective);
+    # none: by the LLM's score alone; None: learned for rank, none for generate
+    fusion_init: float = 1.0  # β at the start of training
+    fusion_lr: float = 1e-2  # learning rate of β
+    hard_negatives: float = 0.0  # fraction of each training prompt's negatives drawn from the encoder's top items
+    hard_pool: int = 100  # ... of its top this many items of the catalogue (history excluded)
     candidates: int = 20  # candidates in each training prompt
     lr: float = 5e-4  # LoRA learning rate
     projector_lr: float = 2e-3  # projector learning rate (high enough that it moves in short runs)
@@ -77,6 +90,9 @@ class TrainConfig:
             raise UserError(f"normalize must be sum or mean; got {self.normalize!r}.")
         if self.prompt not in PROMPTS:
             raise UserError(f"Unknown prompt {self.prompt!r}; choose hybrid or text.")
+        if self.templates not in TEMPLATE_SETS:
+            raise UserError(f"Unknown template set {self.templates!r}; choose one of: {', '.join(TEMPLATE_SETS)}.")
+        self._resolve_objective_defaults()
         if self.experts < 1 or self.rank < 1 or self.rank % self.experts:
             raise UserError(f"rank ({self.rank}) must be a positive multiple of experts ({self.experts}).")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -92,14 +108,38 @@ class TrainConfig:
                 "max_steps": 1,
                 "max_train_samples": 1,
                 "stop_after": 1,
+                "hard_pool": 2,
             },
         )
         if self.epochs <= 0:
             raise UserError(f"epochs must be positive; got {self.epochs}.")
+        if not self.distill_temperature > 0:
+            raise UserError(f"distill_temperature must be positive; got {self.distill_temperature}.")
+        if not 0 <= self.hard_negatives <= 1:
+            raise UserError(f"hard_negatives is a fraction of the negatives, from 0 to 1; got {self.hard_negatives}.")
+        if not self.fusion_lr >= 0 or not math.isfinite(self.fusion_init):
+            raise UserError("fusion_lr must be at least 0 and fusion_init a finite number.")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one.")
         if self.name is not None:
             check_name(self.name, "run name")
+
+    def _resolve_objective_defaults(self) -> None:
+        """Fill in the settings whose default depends on the objective; refuse rank-only settings with generate."""
+        rank = self.objective == "rank"
+        if self.fusion is None:
+            self.fusion = "learned" if rank else "none"
+        if self.distill_weight is None:
+            self.distill_weight = DEFAULT_DISTILL_WEIGHT if rank else 0.0
+        if self.fusion not in FUSIONS:
+            raise UserError(f"Unknown fusion {self.fusion!r}; choose learned or none.")
+        if not self.distill_weight >= 0:
+            raise UserError(f"distill_weight must be at least 0; got {self.distill_weight}.")
+        if not rank and (self.fusion != "none" or self.distill_weight > 0):
+            raise UserError(
+                "fusion=learned and distill_weight need candidate scores, which only the rank objective computes; "
+                "with --objective generate pass fusion=none distill_weight=0."
+            )
 
     def run_directory(self) -> Path:
         if self.output is not None:
@@ -149,256 +189,378 @@ def build_batch(builder, samples, objective: str, pad_id: int, max_history: int)
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train an iLoRA run; returns the summary document of ``ilora train --json``."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    return Trainer(config).run()
 
-    from ..data.prepared import PreparedDataset
-    from ..llm.backbone import BackboneSpec, load_backbone, prepare_for_training
-    from ..llm.model import ExpertConfig, ILoraModel, attach_lora
-    from ..llm.prompt import PromptBuilder
-    from ..llm.scoring import normalise_scores, pad_answers
-    from .checkpoint import list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
-    from .run import file_sha256, write_final
-    from .samples import TrainSamples
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    run_dir = config.run_directory()
-    if config.resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"There is no run to resume in {run_dir}.")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not config.overwrite:
+class Trainer:
+    """One training run, in the order of a recipe: setup (``__init__``) → ``run`` (the loop of ``step`` calls,
+    with checkpoints) → ``save``. One process, or one of several under DDP."""
+
+    def __init__(self, config: TrainConfig):
+        config.validate()  # also resolves the settings whose default depends on the objective
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.run_dir = config.run_directory()
+        self._check_run_dir()
+        self._setup_accelerator()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self.step_count, self.losses, self.resumed_from = 0, [], None
+        if config.resume:
+            self._resume()
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self._init_run_dir()
+        self._announce()
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        run_dir, config = self.run_dir, self.config
+        if config.resume:
+            if not (run_dir / "config.yaml").is_file():
+                raise UserError(f"There is no run to resume in {run_dir}.")
+        elif run_dir.exists() and any(run_dir.iterdir()) and not config.overwrite:
             raise UserError(f"The run directory {run_dir} already exists; pass --resume or --overwrite.")
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    spec = BackboneSpec(config.backbone, config.dtype, config.load_in_4bit, device)
-    spec.validate()
-    mixed = "bf16" if device.startswith("cuda") and spec.torch_dtype() == torch.bfloat16 else "no"
-    accelerator = Accelerator(
-        cpu=not device.startswith("cuda"), mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum
-    )
-    main = accelerator.is_main_process
-    spec.device = str(accelerator.device)
-    set_seed(config.seed)
 
-    dataset = PreparedDataset.open(config.dataset)
-    encoder, enc_info = ensure_encoder(config, dataset) if main else (None, None)
-    accelerator.wait_for_everyone()
-    if not main:
-        encoder, enc_info = ensure_encoder(config, dataset)
-    split = dataset.split("train")
-    samples = TrainSamples(split, dataset.n_items, config.candidates, config.seed, config.max_train_samples)
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
-    t_load = time.perf_counter()
-    base, tokenizer = load_backbone(spec)
-    base = prepare_for_training(base, config.gradient_checkpointing)
-    experts = ExpertConfig(
-        experts=config.experts,
-        rank=config.rank,
-        alpha=config.alpha,
-        dropout=config.lora_dropout,
-        gate=config.gate,
-        target_modules=_targets(config.target_modules),
-        hybrid=config.prompt == "hybrid",
-    )
-    torch.manual_seed(config.seed)
-    model = ILoraModel(attach_lora(base, experts), tokenizer, encoder, experts).to(accelerator.device)
-    builder = PromptBuilder(tokenizer, dataset.titles, dataset.domain, hybrid=experts.hybrid)
-    load_seconds = time.perf_counter() - t_load
+        from ..llm.backbone import BackboneSpec
 
-    groups = model.trainable_parameters()
-    gate_lr = config.gate_lr if config.gate_lr is not None else 0.3 * config.lr
-    optimizer = torch.optim.AdamW(
-        [
-            g
-            for g in (
-                {"params": groups["lora"], "lr": config.lr, "weight_decay": 0.0, "name": "lora"},
-                {
-                    "params": groups["projector"],
-                    "lr": config.projector_lr,
-                    "weight_decay": config.weight_decay,
-                    "name": "projector",
-                },
-                {"params": groups["gate"], "lr": gate_lr, "weight_decay": config.weight_decay, "name": "gate"},
+        config = self.config
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.spec = BackboneSpec(config.backbone, config.dtype, config.load_in_4bit, device)
+        self.spec.validate()
+        mixed = "bf16" if device.startswith("cuda") and self.spec.torch_dtype() == torch.bfloat16 else "no"
+        self.accelerator = Accelerator(
+            cpu=not device.startswith("cuda"), mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum
+        )
+        self.main = self.accelerator.is_main_process
+        self.spec.device = str(self.accelerator.device)
+        set_seed(config.seed)
+
+    def _setup_data(self) -> None:
+        from ..data.prepared import PreparedDataset
+        from ..llm.prompt import TEMPLATE_SETS
+        from .samples import TrainSamples
+
+        config, accelerator = self.config, self.accelerator
+        self.dataset = PreparedDataset.open(config.dataset)
+        # The main process trains a missing encoder first; the others then load it.
+        encoder, enc_info = ensure_encoder(config, self.dataset) if self.main else (None, None)
+        accelerator.wait_for_everyone()
+        if not self.main:
+            encoder, enc_info = ensure_encoder(config, self.dataset)
+        self.encoder, self.enc_info = encoder, enc_info
+        self.split = self.dataset.split("train")
+        self.samples = TrainSamples(
+            self.split,
+            self.dataset.n_items,
+            config.candidates,
+            config.seed,
+            config.max_train_samples,
+            n_templates=len(TEMPLATE_SETS[config.templates]),
+        )
+        if config.hard_negatives > 0:
+            self.samples.use_hard_negatives(encoder, config.hard_negatives, config.hard_pool)
+        world = accelerator.num_processes
+        self.per_step = config.batch_size * world * config.grad_accum  # samples per optimisation step
+        self.micro_per_epoch = len(self.samples) // (config.batch_size * world)
+        if self.micro_per_epoch < config.grad_accum:
+            raise UserError(
+                f"{len(self.samples)} training rows are fewer than one optimisation step ({self.per_step} samples); "
+                "lower --batch-size or grad_accum."
             )
-            if g["params"]
-        ]
-    )
-    world = accelerator.num_processes
-    per_step = config.batch_size * world * config.grad_accum  # samples per optimisation step
-    micro_per_epoch = len(samples) // (config.batch_size * world)
-    if micro_per_epoch < config.grad_accum:
-        raise UserError(
-            f"{len(samples)} training rows are fewer than one optimisation step ({per_step} samples); "
-            "lower --batch-size or grad_accum."
-        )
-    steps_per_epoch = micro_per_epoch // config.grad_accum
-    total_steps = config.max_steps or max(1, int(steps_per_epoch * config.epochs))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, config.warmup_ratio, config.min_lr_ratio)
-    )
+        self.steps_per_epoch = self.micro_per_epoch // config.grad_accum
+        self.total_steps = config.max_steps or max(1, int(self.steps_per_epoch * config.epochs))
 
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    step, losses, resumed_from = 0, [], None
-    if config.resume:
-        ckpts = list_checkpoints(run_dir / "checkpoints")
+    def _setup_model(self) -> None:
+        from ..llm.backbone import load_backbone, prepare_for_training
+        from ..llm.model import ExpertConfig, ILoraModel, attach_lora
+        from ..llm.prompt import PromptBuilder
+
+        config = self.config
+        t_load = time.perf_counter()
+        base, tokenizer = load_backbone(self.spec)
+        base = prepare_for_training(base, config.gradient_checkpointing)
+        self.experts = ExpertConfig(
+            experts=config.experts,
+            rank=config.rank,
+            alpha=config.alpha,
+            dropout=config.lora_dropout,
+            gate=config.gate,
+            target_modules=_targets(config.target_modules),
+            hybrid=config.prompt == "hybrid",
+        )
+        torch.manual_seed(config.seed)
+        fusion = config.fusion_init if config.fusion == "learned" else None
+        self.model = ILoraModel(attach_lora(base, self.experts), tokenizer, self.encoder, self.experts, fusion=fusion)
+        self.model.to(self.accelerator.device)
+        self.builder = PromptBuilder(
+            tokenizer, self.dataset.titles, self.dataset.domain, hybrid=self.experts.hybrid, templates=config.templates
+        )
+        self.load_seconds = time.perf_counter() - t_load
+
+    def _setup_optimizer(self) -> None:
+        config = self.config
+        groups = self.model.trainable_parameters()
+        gate_lr = config.gate_lr if config.gate_lr is not None else 0.3 * config.lr
+        settings = {
+            "lora": (config.lr, 0.0),
+            "projector": (config.projector_lr, config.weight_decay),
+            "gate": (gate_lr, config.weight_decay),
+            "fusion": (config.fusion_lr, 0.0),
+        }
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": groups[name], "lr": lr, "weight_decay": wd, "name": name}
+                for name, (lr, wd) in settings.items()
+                if groups[name]
+            ]
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, config.warmup_ratio, config.min_lr_ratio)
+        )
+
+    def _resume(self) -> None:
+        from .checkpoint import list_checkpoints, load_checkpoint, restore_rng
+
+        ckpts = list_checkpoints(self.run_dir / "checkpoints")
         if not ckpts:
-            raise UserError(f"{run_dir} has no checkpoint to resume from.")
+            raise UserError(f"{self.run_dir} has no checkpoint to resume from.")
         ck = load_checkpoint(ckpts[-1])
-        missing = set(trainable_names) - set(ck["trainable"])
-        if missing:
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if set(names) - set(ck["trainable"]):
             raise UserError(f"The checkpoint {ckpts[-1]} does not match this configuration (missing weights).")
-        params = dict(model.named_parameters())
+        params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for n in trainable_names:
+            for n in names:
                 params[n].copy_(ck["trainable"][n])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["state"]["scheduler"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["state"]["scheduler"])
         restore_rng(ck["rng"])
-        step = int(ck["state"]["step"])
-        losses = list(ck["state"].get("losses", []))
-        resumed_from = str(ckpts[-1])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+        self.step_count = int(ck["state"]["step"])
+        self.losses = list(ck["state"].get("losses", []))
+        self.resumed_from = str(ckpts[-1])
 
-    if main:
-        if not config.resume:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            (run_dir / "logs").mkdir(parents=True)
-            shutil.copytree(enc_info["path"], run_dir / "encoder")
-            (run_dir / "items.json").write_text(json.dumps({"titles": dataset.titles}, ensure_ascii=False) + "\n")
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    accelerator.wait_for_everyone()
+    def _init_run_dir(self) -> None:
+        config, run_dir = self.config, self.run_dir
+        if self.main:
+            if not config.resume:
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                (run_dir / "logs").mkdir(parents=True)
+                shutil.copytree(self.enc_info["path"], run_dir / "encoder")
+                titles = json.dumps({"titles": self.dataset.titles}, ensure_ascii=False)
+                (run_dir / "items.json").write_text(titles + "\n")
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        self.accelerator.wait_for_everyone()
+        self.log_file = run_dir / "logs" / "train.jsonl"
+        if self.main and self.resumed_from:
+            _truncate_log(self.log_file, self.step_count)  # steps logged after the checkpoint are run again
 
-    sample_tokens = [
-        len(builder.prompt_ids(s.history, s.candidates, s.template)) + len(builder.answer_ids(s.target))
-        for s in (samples.sample(r, 0) for r in samples.order(0)[:32])
-    ]
-    mean_tokens = float(np.mean(sample_tokens))
-    if main:
+    def _announce(self) -> None:
+        if not self.main:
+            return
+        config, samples, builder = self.config, self.samples, self.builder
+        sample_tokens = [
+            len(builder.prompt_ids(s.history, s.candidates, s.template)) + len(builder.answer_ids(s.target))
+            for s in (samples.sample(r, 0) for r in samples.order(0)[:32])
+        ]
+        mean_tokens = float(np.mean(sample_tokens))
+        n = self.total_steps * self.per_step
+        extras = [f"{config.templates} templates"]
+        if config.distill_weight > 0:
+            extras.append(f"distillation {config.distill_weight:g} at τ={config.distill_temperature:g}")
+        if config.fusion == "learned":
+            extras.append("learned fusion with the encoder")
+        if samples.n_hard:
+            extras.append(f"{samples.n_hard} hard negatives per prompt")
         err.print(
-            f"Run {run_dir.name}: {len(samples):,} training rows, {total_steps:,} steps of {per_step} samples "
-            f"({total_steps * per_step:,} samples, ≈{total_steps * per_step * mean_tokens:,.0f} prompt tokens, "
-            f"{mean_tokens:.0f} per prompt), objective {config.objective}, prompt {config.prompt}, "
-            f"K={config.experts} gate={config.gate}, {world} process(es) on {accelerator.device}."
+            f"Run {self.run_dir.name}: {len(samples):,} training rows, {self.total_steps:,} steps of "
+            f"{self.per_step} samples ({n:,} samples, ≈{n * mean_tokens:,.0f} prompt tokens, {mean_tokens:.0f} per "
+            f"prompt), objective {config.objective}, prompt {config.prompt} ({', '.join(extras)}), "
+            f"K={config.experts} gate={config.gate}, {self.accelerator.num_processes} process(es) on "
+            f"{self.accelerator.device}."
         )
-        if resumed_from:
-            err.print(f"Resuming from {resumed_from} at step {step}.")
+        if self.resumed_from:
+            err.print(f"Resuming from {self.resumed_from} at step {self.step_count}.")
 
-    log_file = run_dir / "logs" / "train.jsonl"
-    if main and resumed_from:
-        _truncate_log(log_file, step)  # steps logged after the checkpoint (before a kill) are run again
-    tb = _tensorboard(run_dir / "logs") if main else None
-    model.train()
-    rank_ = accelerator.process_index
-    t_train, train_seconds, done_samples = None, 0.0, 0
-    estimate_printed = False
-    bar = progress(disable=config.quiet or not main)
-    with bar:
-        task = bar.add_task("train", total=total_steps, completed=step, info="")
-        while step < total_steps:
-            if config.stop_after is not None and step >= config.stop_after:
-                break
-            t0 = time.perf_counter()
-            step_loss = 0.0
-            for micro in range(config.grad_accum):
-                global_micro = step * config.grad_accum + micro
-                epoch, pos = divmod(global_micro, micro_per_epoch)
-                order = samples.order(epoch)
-                start = (pos * world + rank_) * config.batch_size
-                batch_samples = [samples.sample(r, epoch) for r in order[start : start + config.batch_size]]
-                batch, target_index = build_batch(
-                    builder, batch_samples, config.objective, dataset.pad_id, dataset.max_history
+    # -- one optimisation step -----------------------------------------------------------------------
+    def micro_batch(self, micro: int):
+        """The samples of micro-step ``micro`` of the current step for this process (deterministic)."""
+        config, world = self.config, self.accelerator.num_processes
+        global_micro = self.step_count * config.grad_accum + micro
+        epoch, pos = divmod(global_micro, self.micro_per_epoch)
+        order = self.samples.order(epoch)
+        start = (pos * world + self.accelerator.process_index) * config.batch_size
+        return [self.samples.sample(r, epoch) for r in order[start : start + config.batch_size]]
+
+    def loss(self, batch_samples) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective of one micro-batch, and its terms."""
+        from ..llm.scoring import normalise_scores, pad_answers
+        from .objectives import rank_loss
+
+        config, device, model = self.config, self.accelerator.device, self.model
+        batch, target_index = build_batch(
+            self.builder, batch_samples, config.objective, self.dataset.pad_id, self.dataset.max_history
+        )
+        batch = batch.to(device)
+        if config.objective == "generate":
+            out, _ = model(batch)
+            return out.loss, {}
+        answers, answer_mask = pad_answers(self.builder, batch.candidates.tolist())
+        answer_mask = answer_mask.to(device)
+        scores, _ = model(batch, answers=answers.to(device), answer_mask=answer_mask)
+        scores = normalise_scores(scores, answer_mask, config.normalize)
+        needs_encoder = config.distill_weight > 0 or self.unwrapped.fusion is not None
+        return rank_loss(
+            scores,
+            self.unwrapped.encoder_scores(batch) if needs_encoder else None,
+            target_index.to(device),
+            distill_weight=config.distill_weight,
+            temperature=config.distill_temperature,
+            fusion_weight=self.unwrapped.fusion.weight if self.unwrapped.fusion is not None else None,
+        )
+
+    def step(self) -> tuple[float, dict[str, float]]:
+        """One optimisation step (``grad_accum`` micro-steps); returns its loss and terms, averaged."""
+        config, accelerator = self.config, self.accelerator
+        step_loss, step_terms = 0.0, {}
+        for micro in range(config.grad_accum):
+            with accelerator.accumulate(self.model):
+                loss, terms = self.loss(self.micro_batch(micro))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            step_loss += loss.detach().float().item() / config.grad_accum
+            for k, v in terms.items():
+                step_terms[k] = step_terms.get(k, 0.0) + v / config.grad_accum
+        self.scheduler.step()
+        self.step_count += 1
+        step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
+        return step_loss, step_terms
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        config, main = self.config, self.main
+        tb = _tensorboard(self.run_dir / "logs") if main else None
+        self.model.train()
+        train_seconds, done_samples, estimate_printed = 0.0, 0, False
+        bar = progress(disable=config.quiet or not main)
+        with bar:
+            task = bar.add_task("train", total=self.total_steps, completed=self.step_count, info="")
+            while self.step_count < self.total_steps:
+                if config.stop_after is not None and self.step_count >= config.stop_after:
+                    break
+                t0 = time.perf_counter()
+                step_loss, terms = self.step()
+                self.losses.append(step_loss)
+                seconds = time.perf_counter() - t0
+                train_seconds += seconds
+                done_samples += self.per_step
+                sps = done_samples / train_seconds
+                lr_now = self.scheduler.get_last_lr()[0]
+                bar.update(
+                    task, completed=self.step_count, info=f"loss {step_loss:.4f}  lr {lr_now:.2e}  {sps:.2f} samples/s"
                 )
-                batch = batch.to(accelerator.device)
-                with accelerator.accumulate(model):
-                    if config.objective == "generate":
-                        out, _ = model(batch)
-                        loss = out.loss
-                    else:
-                        answers, answer_mask = pad_answers(builder, batch.candidates.tolist())
-                        answer_mask = answer_mask.to(accelerator.device)
-                        scores, _ = model(batch, answers=answers.to(accelerator.device), answer_mask=answer_mask)
-                        scores = normalise_scores(scores, answer_mask, config.normalize)
-                        loss = torch.nn.functional.cross_entropy(scores, target_index.to(accelerator.device))
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                step_loss += loss.detach().float().item() / config.grad_accum
-            scheduler.step()
-            step += 1
-            step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
-            losses.append(step_loss)
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            done_samples += per_step
-            if t_train is None:
-                t_train = t0
-            sps = done_samples / train_seconds
-            lr_now = scheduler.get_last_lr()[0]
-            bar.update(task, completed=step, info=f"loss {step_loss:.4f}  lr {lr_now:.2e}  {sps:.2f} samples/s")
-            if main and not estimate_printed and (done_samples >= 2 * per_step or step == total_steps):
-                remaining = (total_steps - step) * train_seconds / (done_samples / per_step)
-                err.print(
-                    f"≈{train_seconds / (done_samples / per_step):.1f} s/step: about {remaining / 60:.1f} min left "
-                    f"for this run (a full epoch of {len(split):,} rows would take "
-                    f"≈{len(split) / sps / 3600:.1f} h at this speed)."
-                )
-                estimate_printed = True
-            if main and (step % config.log_every == 0 or step == total_steps):
-                record = {
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 4),
-                    "loss": step_loss,
-                    "lr": lr_now,
-                    "samples_per_second": sps,
-                    "seconds": round(seconds, 4),
-                }
-                with open(log_file, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                if tb is not None:
-                    tb.add_scalar("train/loss", step_loss, step)
-                    tb.add_scalar("train/lr", lr_now, step)
-            stopping = config.stop_after is not None and step >= config.stop_after
-            if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-                accelerator.wait_for_everyone()
-                if main:
-                    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-                    save_checkpoint(
-                        run_dir / "checkpoints",
-                        trainable,
-                        optimizer,
-                        scheduler,
-                        {"step": step, "total_steps": total_steps, "losses": losses},
+                step = self.step_count
+                if main and not estimate_printed and (done_samples >= 2 * self.per_step or step == self.total_steps):
+                    per = train_seconds / (done_samples / self.per_step)
+                    err.print(
+                        f"≈{per:.1f} s/step: about {(self.total_steps - step) * per / 60:.1f} min left for this run "
+                        f"(a full epoch of {len(self.split):,} rows would take ≈{len(self.split) / sps / 3600:.1f} h "
+                        "at this speed)."
                     )
-    accelerator.wait_for_everyone()
-    finished = step >= total_steps
-    # Every process records a digest of its trainable weights: under DDP they must all agree.
-    digest = weights_digest(unwrapped)
-    (run_dir / "logs" / f"weights-rank{rank_}.sha256").write_text(digest + "\n")
-    summary = {
-        "run_dir": str(run_dir),
-        "steps": step,
-        "total_steps": total_steps,
-        "complete": finished,
-        "final_loss": losses[-1] if losses else None,
-        "train_samples_per_second": done_samples / train_seconds if train_seconds else None,
-        "train_seconds": round(train_seconds, 3),
-        "load_seconds": round(load_seconds, 3),
-        "samples_seen": step * per_step,
-        "processes": world,
-        "resumed_from": resumed_from,
-        "weights_sha256": digest,
-    }
-    if main and finished:
-        info = {
+                    estimate_printed = True
+                if main and (step % config.log_every == 0 or step == self.total_steps):
+                    self._log(step, step_loss, terms, lr_now, sps, seconds, tb)
+                stopping = config.stop_after is not None and step >= config.stop_after
+                if step % config.checkpoint_every == 0 or step == self.total_steps or stopping:
+                    self.save_checkpoint()
+        self.accelerator.wait_for_everyone()
+        summary = self.save(train_seconds, done_samples)
+        if tb is not None:
+            tb.close()
+        self.accelerator.end_training()
+        return summary
+
+    def _log(self, step, loss, terms, lr, sps, seconds, tb) -> None:
+        record = {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "loss": loss,
+            **{f"loss_{k}": v for k, v in terms.items()},
+            "lr": lr,
+            "samples_per_second": sps,
+            "seconds": round(seconds, 4),
+        }
+        if self.unwrapped.fusion is not None:
+            record["fusion_weight"] = float(self.unwrapped.fusion.weight.detach())
+        with open(self.log_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if tb is not None:
+            tb.add_scalar("train/loss", loss, step)
+            tb.add_scalar("train/lr", lr, step)
+
+    # -- save ----------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        from .checkpoint import save_checkpoint
+
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+            state = {"step": self.step_count, "total_steps": self.total_steps, "losses": self.losses}
+            save_checkpoint(self.run_dir / "checkpoints", trainable, self.optimizer, self.scheduler, state)
+
+    def save(self, train_seconds: float, done_samples: int) -> dict[str, Any]:
+        """Write the finished run (main process) and return the summary; every process writes its digest."""
+        from .run import write_final
+
+        finished = self.step_count >= self.total_steps
+        # Every process records a digest of its trainable weights: under DDP they must all agree.
+        digest = weights_digest(self.unwrapped)
+        rank_ = self.accelerator.process_index
+        (self.run_dir / "logs" / f"weights-rank{rank_}.sha256").write_text(digest + "\n")
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": self.step_count,
+            "total_steps": self.total_steps,
+            "complete": finished,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "train_samples_per_second": done_samples / train_seconds if train_seconds else None,
+            "train_seconds": round(train_seconds, 3),
+            "load_seconds": round(self.load_seconds, 3),
+            "samples_seen": self.step_count * self.per_step,
+            "processes": self.accelerator.num_processes,
+            "resumed_from": self.resumed_from,
+            "weights_sha256": digest,
+        }
+        if self.unwrapped.fusion is not None:
+            summary["fusion_weight"] = float(self.unwrapped.fusion.weight.detach())
+        if self.main and finished:
+            write_final(self.run_dir, self.unwrapped, self.run_info(summary))
+            err.print(f"Saved the run to {self.run_dir}.")
+        elif self.main:
+            err.print(f"Stopped after step {self.step_count} of {self.total_steps}; continue with --resume.")
+        return summary
+
+    def run_info(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The ``ilora.json`` document: everything ``eval`` and ``recommend`` need to rebuild the run."""
+        from .run import file_sha256
+
+        config, experts, dataset, enc_info = self.config, self.experts, self.dataset, self.enc_info
+        fusion = self.unwrapped.fusion
+        return {
             "tool_version": __version__,
-            "backbone": spec.describe(),
+            "backbone": self.spec.describe(),
             "experts": {
                 "experts": experts.experts,
                 "rank": experts.rank,
@@ -411,11 +573,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "prompt": config.prompt,
             "objective": config.objective,
             "normalize": config.normalize,
-            "templates": "ilora-v1",
+            "templates": config.templates,
+            "fusion": {"weight": float(fusion.weight.detach())} if fusion is not None else None,
             "encoder": {
                 "type": enc_info["type"],
                 "name": Path(enc_info["path"]).name,
-                "sha256": file_sha256(run_dir / "encoder" / "encoder.safetensors"),
+                "sha256": file_sha256(self.run_dir / "encoder" / "encoder.safetensors"),
             },
             "dataset": {
                 "name": dataset.name,
@@ -427,23 +590,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
             },
             "training": {k: summary[k] for k in ("steps", "final_loss", "samples_seen", "processes")},
         }
-        write_final(run_dir, unwrapped, info)
-        err.print(f"Saved the run to {run_dir}.")
-    elif main:
-        err.print(f"Stopped after step {step} of {total_steps}; continue with --resume.")
-    if tb is not None:
-        tb.close()
-    accelerator.end_training()
-    return summary
 
 
 def is_trained_weight(name: str) -> bool:
     """Whether an :class:`ILoraModel` parameter is one that training changes (and a run saves)."""
-    return "lora_" in name or name.startswith(("projector.", "gate.", "token_routers."))
+    return "lora_" in name or name.startswith(("projector.", "gate.", "token_routers.", "fusion."))
 
 
 def weights_digest(model) -> str:
-    """SHA-256 over the weights that training changes (LoRA, projector, gate, token routers; name order),
+    """SHA-256 over the weights that training changes (LoRA, projector, gate, routers, fusion; name order),
     to compare processes, runs, or a run with its reloaded copy bit for bit. Chosen by name, not by
     ``requires_grad``, so that a reloaded (frozen) run hashes the same set."""
     import hashlib

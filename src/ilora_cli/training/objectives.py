@@ -1,0 +1,65 @@
+"""The terms of the listwise ``rank`` objective, each a small function of (B, C) candidate scores.
+
+Every training prompt lists C candidates; the model gives each a score ``s_c`` (the normalised
+log-likelihood of its title after the prompt) and the frozen encoder another, ``e_c`` (the dot product of
+the user representation and the item embedding). The loss of a batch is
+
+    listwise(s, y)  +  λ · distillation(s, e, τ)  +  listwise(stop_grad(s) + β · e, y)
+
+where the last term exists only with a learned fusion weight β and trains β alone: the language model
+keeps learning to rank on its own, and β learns how much of the encoder to add to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def listwise_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy over the candidates: mean_b ( -s_{b,y_b} + log Σ_c exp s_{b,c} ).
+
+    ``scores`` (B, C), ``target`` (B,) the index of the true next item among the candidates.
+    """
+    return F.cross_entropy(scores.float(), target)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """τ² · mean_b KL(softmax(t_b/τ) ‖ softmax(s_b/τ)) = τ² · mean_b Σ_c p_c (log p_c − log q_c).
+
+    The teacher's distribution over the C candidates gives every candidate a graded target instead of one
+    index. The τ² factor keeps the gradient's size independent of τ (Hinton et al., 2015). ``student`` and
+    ``teacher`` are (B, C); no gradient reaches the teacher.
+    """
+    t = teacher.detach().float() / temperature
+    log_p = F.log_softmax(t, dim=-1)  # (B, C) teacher
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)  # (B, C) student
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B,)
+    return kl.mean() * temperature**2
+
+
+def fused_scores(llm: torch.Tensor, encoder: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """The fused ranking score ``s + β · e`` of every candidate, (B, C)."""
+    return llm.float() + weight * encoder.float()
+
+
+def rank_loss(
+    llm: torch.Tensor,
+    encoder: torch.Tensor | None,
+    target: torch.Tensor,
+    distill_weight: float = 0.0,
+    temperature: float = 1.0,
+    fusion_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The whole ``rank`` objective (module doc) and its terms as floats, for the training log."""
+    loss = listwise_loss(llm, target)
+    terms = {"listwise": float(loss.detach())}
+    if distill_weight > 0:
+        kd = distillation_loss(llm, encoder, temperature)
+        loss = loss + distill_weight * kd
+        terms["distill"] = float(kd.detach())
+    if fusion_weight is not None:
+        fused = listwise_loss(fused_scores(llm.detach(), encoder, fusion_weight), target)
+        loss = loss + fused
+        terms["fused"] = float(fused.detach())
+    return loss, terms

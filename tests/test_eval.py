@@ -105,6 +105,20 @@ def test_eval_score_mode_aggregates_over_draws(world, tmp_path):
         assert res["metrics"][k]["std"] == pytest.approx(expected[k]["std"], abs=1e-4)
     again = evaluate(EvalConfig(runs=["ev4"], predictions=tmp_path / "q.jsonl", quiet=True))
     assert again["metrics"] == res["metrics"]  # deterministic
+    # The default ranking is LLM + β · encoder; the LLM alone and the encoder alone are reported beside it.
+    run = res["results"]["ev4"]
+    beta = run["fusion_weight"]
+    assert run["ranking"] == "fused" and beta is not None and "encoder" in res["results"]
+    for line in lines:
+        fused = np.array(line["llm_scores"]) + beta * np.array(line["encoder_scores"])
+        np.testing.assert_allclose(line["scores"], fused, atol=2e-4)
+    for got, field in ((run["llm"]["metrics"], "llm_scores"), (res["results"]["encoder"]["metrics"], "encoder_scores")):
+        per_draw = []
+        for d in (0, 1):
+            rows = [x for x in lines if x["draw"] == d]
+            cols = np.array([x["candidates"].index(x["target"]) for x in rows])
+            per_draw.append(metrics.ranking_metrics(metrics.rank_of_target(np.array([x[field] for x in rows]), cols)))
+        assert got["mrr"]["mean"] == pytest.approx(metrics.aggregate(per_draw)["mrr"]["mean"], abs=1e-4), field
 
 
 def test_eval_side_by_side_generate_and_retrieve(world):
@@ -153,7 +167,11 @@ def test_cli_recommend_single_batch_and_bad_input(world, tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert len(doc["recommendations"]) == 3 and len(doc["gate"]) == 4
-    assert {"item_id", "title", "score"} == set(doc["recommendations"][0])
+    assert {"item_id", "title", "score", "llm_score", "encoder_score"} == set(doc["recommendations"][0])
+    beta = doc["fusion_weight"]
+    assert doc["ranking"] == "fused" and beta is not None
+    for x in doc["recommendations"]:  # the default ranking is the fused score
+        assert x["score"] == pytest.approx(x["llm_score"] + beta * x["encoder_score"], abs=1e-4)
     assert not {x["item_id"] for x in doc["recommendations"]} & {0, 1, 2}
     scores = [x["score"] for x in doc["recommendations"]]
     assert scores == sorted(scores, reverse=True)
@@ -224,4 +242,4 @@ def test_a_run_trained_on_mean_scores_is_evaluated_on_mean_scores(world, tmp_pat
     builder = load_run(world / "runs" / "ev-mean").builder
     for mean_line, sum_line in zip(preds[None], preds["sum"]):
         lengths = np.array([len(builder.answer_ids(c)) for c in sum_line["candidates"]])
-        np.testing.assert_allclose(mean_line["scores"], np.array(sum_line["scores"]) / lengths, atol=1e-4)
+        np.testing.assert_allclose(mean_line["llm_scores"], np.array(sum_line["llm_scores"]) / lengths, atol=1e-4)

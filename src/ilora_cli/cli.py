@@ -282,7 +282,7 @@ def eval_(
     """Evaluate trained runs (and the encoder) on the frozen candidate draws: HR@K, NDCG@K, MRR (mean ± std)."""
     from .config import resolve
     from .evaluation.evaluate import EvalConfig, evaluate
-    from .report import metrics_table
+    from .report import eval_rows, metrics_table
 
     cfg = resolve(
         EvalConfig,
@@ -304,7 +304,7 @@ def eval_(
     result = evaluate(cfg)
     metrics_table(
         f"{result['split']} ({result['n_rows']} rows, {result['mode']} mode)",
-        {k: v["metrics"] for k, v in result["results"].items()},
+        eval_rows(result["results"]),
         result["protocol"],
     )
     if json:

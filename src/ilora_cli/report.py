@@ -60,3 +60,15 @@ def metrics_table(title: str, rows: dict[str, dict[str, Any]], protocol: str) ->
                 cells.append(f"{v:.4f}")
         t.add_row(label, *cells)
     err.print(t)
+
+
+def eval_rows(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Table rows of an ``eval`` result: each run's default ranking, its language model alone, the encoder."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, r in results.items():
+        if r.get("ranking") == "fused":
+            rows[f"{name} (LLM + {r['fusion_weight']:.2f}·encoder)"] = r["metrics"]
+            rows[f"{name}: LLM alone"] = r["llm"]["metrics"]
+        else:
+            rows[name] = r["metrics"]
+    return rows

@@ -127,11 +127,18 @@ def _target_columns(cands: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_file: Path | None) -> dict[str, Any]:
-    """One run on one split: metrics (mean ± std over draws) and per-sample predictions."""
+    """One run on one split: metrics (mean ± std over draws) and per-sample predictions.
+
+    In score mode the run's default ranking is reported under ``metrics`` — the fused score
+    ``LLM + β · encoder`` for a run trained with a fusion weight, else the LLM's score — and the language
+    model alone under ``llm``, so that what the LLM learned is never hidden behind the encoder.
+    """
     histories = split.histories()
     n, draws = len(split), split.candidates.shape[1]
     retrieve = _retrieve_n(config.candidates)
-    per_draw: list[dict[str, float]] = []
+    beta = run.fusion_weight if config.mode == "score" else None
+    rankings = ("llm", "fused") if beta is not None else ("llm",)
+    per_draw: dict[str, list[dict[str, float]]] = {r: [] for r in rankings}
     lines: list[dict[str, Any]] = []
     total = n if retrieve else n * draws
     normalize = config.normalize or run.normalize
@@ -142,58 +149,76 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
         def tick(k):
             bar.advance(task, k)
 
-        if retrieve:
-            cands = retrieve_candidates(run.model.encoder, split, retrieve)  # (N, R)
-            scores, gates = score_candidates(run, histories, cands, config.batch_size, normalize, tick)
-            ranks = _rerank_ranks(scores, cands, split.next)
-            per_draw.append(metrics.ranking_metrics(ranks, ks=(1, 5, 10), ndcg_ks=(5, 10)))
-            for i in range(n):
-                lines.append(_line(split, i, 0, cands[i], scores[i], gates[i]))
-        for d in range(0 if retrieve else draws):
-            cands = split.candidates[:, d]  # (N, C)
-            if config.mode == "score":
-                scores, gates = score_candidates(run, histories, cands, config.batch_size, normalize, tick)
-                ranks = metrics.rank_of_target(scores, _target_columns(cands, split.next))
-                per_draw.append(metrics.ranking_metrics(ranks))
-                for i in range(n):
-                    lines.append(_line(split, i, d, cands[i], scores[i], gates[i]))
-            else:
-                texts, gates = generate_answers(run, histories, cands, config.batch_size, config.num_beams, tick)
-                valid = np.zeros(n, dtype=bool)
-                hits = np.zeros(n, dtype=bool)
-                for i, text in enumerate(texts):
-                    k = match_answer(text, [run.titles[c] for c in cands[i]])
-                    valid[i] = k is not None
-                    hits[i] = k is not None and cands[i, k] == split.next[i]
-                    lines.append(
-                        {
-                            **_line(split, i, d, cands[i], None, gates[i]),
-                            "output": text,
-                            "prediction": int(cands[i, k]) if k is not None else None,
-                            "valid": bool(valid[i]),
-                        }
+        def score(cands: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+            llm, gates = score_candidates(run, histories, cands, config.batch_size, normalize, tick)
+            enc = encoder_candidate_scores(run.model.encoder, split, cands)
+            by = {"llm": llm} if beta is None else {"llm": llm, "fused": llm + beta * enc}
+            return by, enc, gates
+
+        for d in range(1 if retrieve else (draws if config.mode == "score" else 0)):
+            cands = retrieve_candidates(run.model.encoder, split, retrieve) if retrieve else split.candidates[:, d]
+            by, enc, gates = score(cands)  # (N, C) each
+            for r in rankings:
+                if retrieve:
+                    per_draw[r].append(
+                        metrics.ranking_metrics(_rerank_ranks(by[r], cands, split.next), ks=(1, 5, 10), ndcg_ks=(5, 10))
                     )
-                per_draw.append(
+                else:
+                    ranks = metrics.rank_of_target(by[r], _target_columns(cands, split.next))
+                    per_draw[r].append(metrics.ranking_metrics(ranks))
+            default = by[rankings[-1]]
+            for i in range(n):
+                line = _line(split, i, d, cands[i], default[i], gates[i])
+                line["llm_scores"] = [round(float(x), 5) for x in by["llm"][i]]
+                line["encoder_scores"] = [round(float(x), 5) for x in enc[i]]
+                lines.append(line)
+        for d in range(0 if config.mode == "score" else draws):
+            cands = split.candidates[:, d]  # (N, C)
+            texts, gates = generate_answers(run, histories, cands, config.batch_size, config.num_beams, tick)
+            valid = np.zeros(n, dtype=bool)
+            hits = np.zeros(n, dtype=bool)
+            for i, text in enumerate(texts):
+                k = match_answer(text, [run.titles[c] for c in cands[i]])
+                valid[i] = k is not None
+                hits[i] = k is not None and cands[i, k] == split.next[i]
+                lines.append(
                     {
-                        "valid_ratio": metrics.valid_ratio(valid),
-                        "hr@1": float(hits.mean()),  # hits / all samples
-                        "hr@1_valid": float(hits.sum() / max(1, valid.sum())),  # hits / valid outputs (the paper's)
+                        **_line(split, i, d, cands[i], None, gates[i]),
+                        "output": text,
+                        "prediction": int(cands[i, k]) if k is not None else None,
+                        "valid": bool(valid[i]),
                     }
                 )
+            per_draw["llm"].append(
+                {
+                    "valid_ratio": metrics.valid_ratio(valid),
+                    "hr@1": float(hits.mean()),  # hits / all samples
+                    "hr@1_valid": float(hits.sum() / max(1, valid.sum())),  # hits / valid outputs (the paper's)
+                }
+            )
     seconds = time.perf_counter() - t0
     if pred_file is not None:
-        pred_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pred_file.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(json.dumps(line) + "\n")
-        tmp.replace(pred_file)
-    return {
-        "metrics": metrics.aggregate(per_draw),
+        _write_lines(pred_file, lines)
+    out = {
+        "metrics": metrics.aggregate(per_draw[rankings[-1]]),
+        "ranking": "fused" if beta is not None else "llm",
+        "fusion_weight": beta,
         "normalize": normalize if config.mode == "score" else None,
         "seconds": round(seconds, 3),
         "predictions": str(pred_file) if pred_file else None,
     }
+    if beta is not None:
+        out["llm"] = {"metrics": metrics.aggregate(per_draw["llm"])}
+    return out
+
+
+def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(json.dumps(line) + "\n")
+    tmp.replace(path)
 
 
 def _line(split: SplitData, i: int, draw: int, cands, scores, gates) -> dict[str, Any]:
@@ -210,22 +235,25 @@ def _line(split: SplitData, i: int, draw: int, cands, scores, gates) -> dict[str
     return line
 
 
-def retrieve_candidates(encoder, split: SplitData, n: int, batch_size: int = 1024) -> np.ndarray:
-    """(N, n) the encoder's top-n items of the whole catalogue for each row, history excluded."""
+def encoder_candidate_scores(encoder, split: SplitData, cands: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """(N, C) the encoder's score of each row's candidates (user representation · item embedding)."""
     import torch
 
-    device = next(encoder.parameters()).device
+    device = encoder.item_embedding.weight.device
     out = []
     with torch.no_grad():
         for start in range(0, len(split), batch_size):
-            seq = torch.as_tensor(split.seq[start : start + batch_size], device=device)
-            lens = torch.as_tensor(split.len_seq[start : start + batch_size], device=device)
-            scores = encoder.score_all(seq, lens).float()  # (b, n_items)
-            # one spare column takes the padding id (= n_items); history items get -inf
-            scores = torch.cat([scores, scores.new_zeros(len(seq), 1)], dim=1)  # (b, n_items + 1)
-            scores.scatter_(1, seq, float("-inf"))
-            out.append(scores[:, :-1].topk(n, dim=1).indices.cpu().numpy())
-    return np.concatenate(out)
+            stop = start + batch_size
+            seq = torch.as_tensor(split.seq[start:stop], device=device)  # (b, L)
+            lens = torch.as_tensor(split.len_seq[start:stop], device=device)  # (b,)
+            c = torch.as_tensor(cands[start:stop], device=device)  # (b, C)
+            out.append(encoder.score_candidates(seq, lens, c).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, cands.shape[1]), dtype=np.float32)
+
+
+def retrieve_candidates(encoder, split: SplitData, n: int) -> np.ndarray:
+    """(N, n) the encoder's top-n items of the whole catalogue for each row, history excluded."""
+    return encoder.top_items(split.seq, split.len_seq, n)
 
 
 def _rerank_ranks(scores: np.ndarray, cands: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -273,7 +301,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         )
         results[d.name] = evaluate_run(run, split, config, d.name, pred)
         del run
-    if config.encoder:
+    if config.encoder or run_dirs:
+        # The encoder alone is always reported beside runs: it is what a run must beat.
         results["encoder"] = {"metrics": _encoder_metrics(config, dataset, split, encoder, retrieve)}
     first = next(iter(results.values()))
     return {

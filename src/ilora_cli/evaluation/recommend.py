@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.prepared import SplitData
 from ..errors import UserError
 
 
@@ -120,8 +121,7 @@ class Recommender:
                 raise UserError("--candidates lists an item twice.")
 
     def recommend(self, raw_history: list[Any] | dict[str, Any]) -> dict[str, Any]:
-        import torch
-
+        from .evaluate import encoder_candidate_scores
         from .llm import score_candidates
 
         if isinstance(raw_history, dict):
@@ -142,23 +142,41 @@ class Recommender:
         if self.fixed is not None:
             cands = np.array([self.fixed])
         else:
-            enc = self.run.model.encoder
-            seq = torch.full((1, self.max_history), self.pad_id, dtype=torch.long)
-            seq[0, : len(history)] = torch.tensor(history)
-            with torch.no_grad():
-                scores = enc.score_all(seq, torch.tensor([len(history)])).float()[0]
-            scores[history] = float("-inf")
             n = min(self.config.retrieve, len(self.run.titles) - len(set(history)))
-            cands = scores.topk(n).indices.numpy()[None]
-        s, g = score_candidates(self.run, [history], cands, 1, self.config.normalize or self.run.normalize)
-        order = np.argsort(-s[0], kind="stable")[: self.config.top_k]
+            cands = self.run.model.encoder.top_items([self._padded(history)], [len(history)], n)  # (1, n)
+        llm, g = score_candidates(self.run, [history], cands, 1, self.config.normalize or self.run.normalize)
+        enc = encoder_candidate_scores(self.run.model.encoder, self._one_row(history), cands)  # (1, n)
+        beta = self.run.fusion_weight
+        score = llm if beta is None else llm + beta * enc  # the run's default ranking
+        order = np.argsort(-score[0], kind="stable")[: self.config.top_k]
         return {
             "history": [{"item_id": i, "title": self.run.titles[i]} for i in history],
             "recommendations": [
-                {"item_id": int(cands[0, j]), "title": self.run.titles[int(cands[0, j])], "score": float(s[0, j])}
+                {
+                    "item_id": int(cands[0, j]),
+                    "title": self.run.titles[int(cands[0, j])],
+                    "score": float(score[0, j]),
+                    "llm_score": float(llm[0, j]),
+                    "encoder_score": float(enc[0, j]),
+                }
                 for j in order
             ],
+            "ranking": "llm" if beta is None else "fused",  # fused: score = llm_score + fusion_weight · encoder_score
+            "fusion_weight": beta,
             "gate": [float(x) for x in g[0]],
             "candidates": "given" if self.fixed is not None else f"encoder top-{cands.shape[1]}",
             "notes": notes,
         }
+
+    def _padded(self, history: list[int]) -> list[int]:
+        return history + [self.pad_id] * (self.max_history - len(history))
+
+    def _one_row(self, history: list[int]) -> SplitData:
+        return SplitData(
+            "user",
+            np.zeros(1, dtype=np.int64),
+            np.array([self._padded(history)]),
+            np.array([len(history)]),
+            np.zeros(1, dtype=np.int64),
+            None,
+        )

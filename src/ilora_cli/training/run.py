@@ -1,6 +1,7 @@
 """The run directory: everything ``eval`` and ``recommend`` need, and nothing else.
 
-ilora.json             backbone, experts, rank, gate, prompt, objective, encoder and dataset checksums
+ilora.json             backbone, experts, rank, gate, prompt, templates, objective, fusion weight, encoder and
+                       dataset checksums
 config.yaml            the resolved training config
 adapter/               the PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
 projector.safetensors  item-embedding projector (absent for text-only prompts)
@@ -92,6 +93,12 @@ class LoadedRun:
         """The candidate-score normalisation the run was trained with (runs that predate the key: sum)."""
         return self.info.get("normalize", "sum")
 
+    @property
+    def fusion_weight(self) -> float | None:
+        """β of the run's default ranking ``LLM score + β · encoder score``; None: the LLM's score alone."""
+        fusion = self.info.get("fusion")
+        return float(fusion["weight"]) if fusion else None
+
 
 def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None = None) -> LoadedRun:
     """Rebuild a trained run from its directory alone (plus the backbone it names)."""
@@ -117,7 +124,8 @@ def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None
     base, tokenizer = load_backbone(spec)
     llm = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
     cfg = ExpertConfig(**info["experts"])
-    model = ILoraModel(llm, tokenizer, encoder, cfg)
+    fusion = info.get("fusion")
+    model = ILoraModel(llm, tokenizer, encoder, cfg, fusion=float(fusion["weight"]) if fusion else None)
     if model.projector is not None:
         model.projector.load_state_dict(load_file(run_dir / "projector.safetensors"))
     gate = load_file(run_dir / "gate.safetensors")
@@ -126,5 +134,7 @@ def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None
         model.token_routers.load_state_dict({k[14:]: v for k, v in gate.items() if k.startswith("token_routers.")})
     model.to(device).eval()
     titles = json.loads((run_dir / "items.json").read_text(encoding="utf-8"))["titles"]
-    builder = PromptBuilder(tokenizer, titles, info["dataset"]["domain"], hybrid=cfg.hybrid)
+    builder = PromptBuilder(
+        tokenizer, titles, info["dataset"]["domain"], hybrid=cfg.hybrid, templates=info.get("templates", "ilora-v1")
+    )
     return LoadedRun(model=model, tokenizer=tokenizer, builder=builder, info=info, titles=titles)

@@ -40,6 +40,11 @@ def ensure_dataset(name: str) -> bool:
     if name == "synthetic":
         prepare(PrepareConfig(dataset="synthetic"))
         return True
+    if name == "synthetic-conflict":
+        # A small catalogue: with 20 candidates out of the ~30 items outside a history, the next items of the
+        # other groups' cycles are almost always among the candidates, so every prompt carries the conflict.
+        prepare(PrepareConfig(dataset=name, synthetic_items=40, synthetic_groups=4, synthetic_users=600))
+        return True
     if name == "lastfm" and (SHARED / "lastfm" / "train_data.df").is_file():
         prepare(PrepareConfig(dataset="lastfm", format="llara", input=SHARED / "lastfm", trust_pickle=True))
         return True
@@ -76,3 +81,12 @@ def write_result(name: str, doc: dict) -> Path:
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, indent=2))
     return path
+
+
+def ensure_encoder(dataset: str) -> None:
+    """Train the dataset's default SASRec encoder once, before parallel workers need it."""
+    from ilora_cli.encoders.train import EncodeConfig, encode
+    from ilora_cli.home import encoder_dir
+
+    if not (encoder_dir(f"{dataset}-sasrec") / "encoder.json").is_file():
+        encode(EncodeConfig(dataset=dataset, quiet=True))

@@ -107,10 +107,10 @@ def test_eval_score_mode_aggregates_over_draws(world, tmp_path):
     assert again["metrics"] == res["metrics"]  # deterministic
     # The default ranking is LLM + β · encoder; the LLM alone and the encoder alone are reported beside it.
     run = res["results"]["ev4"]
-    beta = run["fusion_weight"]
-    assert run["ranking"] == "fused" and beta is not None and "encoder" in res["results"]
+    f = run["fusion"]
+    assert run["ranking"] == "fused" and set(f) == {"llm", "encoder"} and "encoder" in res["results"]
     for line in lines:
-        fused = np.array(line["llm_scores"]) + beta * np.array(line["encoder_scores"])
+        fused = f["llm"] * np.array(line["llm_scores"]) + f["encoder"] * np.array(line["encoder_scores"])
         np.testing.assert_allclose(line["scores"], fused, atol=2e-4)
     for got, field in ((run["llm"]["metrics"], "llm_scores"), (res["results"]["encoder"]["metrics"], "encoder_scores")):
         per_draw = []
@@ -168,10 +168,10 @@ def test_cli_recommend_single_batch_and_bad_input(world, tmp_path):
     doc = json.loads(r.stdout)
     assert len(doc["recommendations"]) == 3 and len(doc["gate"]) == 4
     assert {"item_id", "title", "score", "llm_score", "encoder_score"} == set(doc["recommendations"][0])
-    beta = doc["fusion_weight"]
-    assert doc["ranking"] == "fused" and beta is not None
+    f = doc["fusion"]
+    assert doc["ranking"] == "fused" and set(f) == {"llm", "encoder"}
     for x in doc["recommendations"]:  # the default ranking is the fused score
-        assert x["score"] == pytest.approx(x["llm_score"] + beta * x["encoder_score"], abs=1e-4)
+        assert x["score"] == pytest.approx(f["llm"] * x["llm_score"] + f["encoder"] * x["encoder_score"], abs=1e-4)
     assert not {x["item_id"] for x in doc["recommendations"]} & {0, 1, 2}
     scores = [x["score"] for x in doc["recommendations"]]
     assert scores == sorted(scores, reverse=True)

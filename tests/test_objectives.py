@@ -10,6 +10,7 @@ import torch
 
 from ilora_cli.data.prepared import SplitData
 from ilora_cli.encoders.sasrec import SASRec, SASRecConfig
+from ilora_cli.llm.model import Fusion
 from ilora_cli.training.objectives import distillation_loss, fused_scores, listwise_loss, rank_loss
 from ilora_cli.training.samples import TrainSamples
 from test_experts import N_ITEMS, TITLES, _setup
@@ -43,22 +44,31 @@ def test_distillation_closed_form_and_gradient():
     assert distillation_loss(same, same, 1.7).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_the_fused_term_trains_the_fusion_weight_only():
+def test_the_fused_term_trains_the_fusion_weights_only():
     torch.manual_seed(0)
     llm = torch.randn(4, 6, requires_grad=True)
     enc = torch.randn(4, 6)
     target = torch.tensor([0, 3, 5, 1])
-    beta = torch.tensor(0.7, requires_grad=True)
-    loss, terms = rank_loss(llm, enc, target, fusion_weight=beta)
+    fusion = Fusion(0.3, 0.7)
+    loss, terms = rank_loss(llm, enc, target, fusion=fusion)
     assert set(terms) == {"listwise", "fused"}
     loss.backward()
     alone = llm.detach().clone().requires_grad_(True)
     listwise_loss(alone, target).backward()
     torch.testing.assert_close(llm.grad, alone.grad)  # the LLM learns from its own ranking alone
-    # d/dβ CE(s + β e) = mean_b ( Σ_c softmax(s + β e)_c e_c − e_y )
-    p = torch.softmax(fused_scores(llm.detach(), enc, 0.7), dim=-1)
-    expected = ((p * enc).sum(-1) - enc[torch.arange(4), target]).mean()
-    assert beta.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+    # d/da CE(a s + b e) = mean_b ( Σ_c p_c s_c − s_y ), and the same with e for b
+    p = torch.softmax(fused_scores(llm.detach(), enc, 0.3, 0.7), dim=-1)
+    rows = torch.arange(4)
+    for weight, x in ((fusion.llm_weight, llm.detach()), (fusion.encoder_weight, enc)):
+        expected = ((p * x).sum(-1) - x[rows, target]).mean()
+        assert weight.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_fusion_starts_as_the_encoder_ranking():
+    llm, enc = torch.randn(3, 5), torch.randn(3, 5)
+    fusion = Fusion()
+    torch.testing.assert_close(fusion(llm, enc), enc)
+    assert fusion.weights() == {"llm": 0.0, "encoder": 1.0}
 
 
 def test_rank_loss_adds_the_weighted_distillation_term():

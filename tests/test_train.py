@@ -140,17 +140,29 @@ def test_rank_levers_train_save_and_reload(world):
             hard_negatives=0.5,
             hard_pool=8,
             fusion_lr=0.1,
+            validate_at=[1, 3],
+            validate_rows=3,
+            validate_draws=1,
         )
     )
     run_dir = world / "runs" / "levers"
     info = json.loads((run_dir / "ilora.json").read_text())
     assert info["templates"] == "compact" and r["complete"]
-    beta = info["fusion"]["weight"]
-    assert beta == pytest.approx(r["fusion_weight"]) and beta != 1.0  # trained away from its initial value
+    fusion = info["fusion"]
+    assert fusion == pytest.approx(r["fusion"]) and fusion["llm"] != 0.0  # trained away from the encoder alone
     log = [json.loads(x) for x in (run_dir / "logs" / "train.jsonl").read_text().splitlines()]
-    assert {"loss_listwise", "loss_distill", "loss_fused", "fusion_weight"} <= set(log[-1])
+    assert {"loss_listwise", "loss_distill", "loss_fused", "fusion"} <= set(log[-1])
     run = load_run(run_dir)
-    assert run.fusion_weight == beta and run.builder.template_set == "compact"
+    assert run.fusion == fusion and run.builder.template_set == "compact"
+    val = [json.loads(x) for x in (run_dir / "logs" / "validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [1, 3] and set(val[0]["val"]) == {"llm", "fused", "encoder"}
+    assert val[0]["val_rows"] == 3 and val[0]["val_draws"] == 1
+    # the last validation is what `eval` reports for the finished run on the same rows and draws
+    from ilora_cli.evaluation.evaluate import EvalConfig, evaluate
+
+    ev = evaluate(EvalConfig(runs=["levers"], max_samples=3, draws=1, quiet=True))
+    assert ev["results"]["levers"]["llm"]["metrics"]["mrr"]["mean"] == pytest.approx(val[-1]["val"]["llm"]["mrr"])
+    assert ev["metrics"]["mrr"]["mean"] == pytest.approx(val[-1]["val"]["fused"]["mrr"], abs=1e-6)
     assert weights_digest(run.model) == r["weights_sha256"]  # β is among the saved, reloaded weights
 
 

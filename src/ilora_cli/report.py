@@ -67,7 +67,8 @@ def eval_rows(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for name, r in results.items():
         if r.get("ranking") == "fused":
-            rows[f"{name} (LLM + {r['fusion_weight']:.2f}·encoder)"] = r["metrics"]
+            f = r["fusion"]
+            rows[f"{name} ({f['llm']:.2f}·LLM + {f['encoder']:.2f}·encoder)"] = r["metrics"]
             rows[f"{name}: LLM alone"] = r["llm"]["metrics"]
         else:
             rows[name] = r["metrics"]

@@ -13,7 +13,9 @@ import numpy as np
 from .. import metrics
 from ..console import err, progress
 from ..data.prepared import PreparedDataset, SplitData
+from ..devices import check_device, resolve_device
 from ..errors import UserError
+from ..training.objectives import fused_scores
 from .llm import generate_answers, match_answer, score_candidates
 
 MODES = ("score", "generate")
@@ -35,10 +37,11 @@ class EvalConfig:
     test_file: Path | None = None  # a LLaRA-format .df split to score instead (needs trust_pickle)
     trust_pickle: bool = False  # allow reading --test-file (a pandas pickle)
     predictions: Path | None = None  # JSONL of per-sample predictions (default: in the run directory)
-    device: str = "cpu"  # cpu or cuda
+    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N
     quiet: bool = False  # no progress bar
 
     def validate(self) -> None:
+        check_device(self.device)
         if self.mode not in MODES:
             raise UserError(f"Unknown mode {self.mode!r}; choose score or generate.")
         if self.split not in ("val", "test"):
@@ -130,15 +133,15 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
     """One run on one split: metrics (mean ± std over draws) and per-sample predictions.
 
     In score mode the run's default ranking is reported under ``metrics`` — the fused score
-    ``LLM + β · encoder`` for a run trained with a fusion weight, else the LLM's score — and the language
+    ``a · LLM + b · encoder`` for a run trained with fusion weights, else the LLM's score — and the language
     model alone under ``llm``, so that what the LLM learned is never hidden behind the encoder.
     """
     histories = split.histories()
     n, draws = len(split), split.candidates.shape[1]
     retrieve = _retrieve_n(config.candidates)
-    beta = run.fusion_weight if config.mode == "score" else None
-    rankings = ("llm", "fused") if beta is not None else ("llm",)
-    per_draw: dict[str, list[dict[str, float]]] = {r: [] for r in rankings}
+    fusion = run.fusion if config.mode == "score" else None
+    rankings = ("llm", "fused") if fusion is not None else ("llm",)
+    per_draw: dict[str, list[dict[str, float]]] = {r: [] for r in (*rankings, "encoder")}
     lines: list[dict[str, Any]] = []
     total = n if retrieve else n * draws
     normalize = config.normalize or run.normalize
@@ -149,16 +152,19 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
         def tick(k):
             bar.advance(task, k)
 
-        def score(cands: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        def score(cands: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+            """(N, C) scores of every ranking (llm, fused when the run has β, encoder), and the gates."""
             llm, gates = score_candidates(run, histories, cands, config.batch_size, normalize, tick)
             enc = encoder_candidate_scores(run.model.encoder, split, cands)
-            by = {"llm": llm} if beta is None else {"llm": llm, "fused": llm + beta * enc}
-            return by, enc, gates
+            by = {"llm": llm, "encoder": enc}
+            if fusion is not None:
+                by["fused"] = fused_scores(llm, enc, fusion["llm"], fusion["encoder"])
+            return by, gates
 
         for d in range(1 if retrieve else (draws if config.mode == "score" else 0)):
             cands = retrieve_candidates(run.model.encoder, split, retrieve) if retrieve else split.candidates[:, d]
-            by, enc, gates = score(cands)  # (N, C) each
-            for r in rankings:
+            by, gates = score(cands)
+            for r in by:
                 if retrieve:
                     per_draw[r].append(
                         metrics.ranking_metrics(_rerank_ranks(by[r], cands, split.next), ks=(1, 5, 10), ndcg_ks=(5, 10))
@@ -170,7 +176,7 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
             for i in range(n):
                 line = _line(split, i, d, cands[i], default[i], gates[i])
                 line["llm_scores"] = [round(float(x), 5) for x in by["llm"][i]]
-                line["encoder_scores"] = [round(float(x), 5) for x in enc[i]]
+                line["encoder_scores"] = [round(float(x), 5) for x in by["encoder"][i]]
                 lines.append(line)
         for d in range(0 if config.mode == "score" else draws):
             cands = split.candidates[:, d]  # (N, C)
@@ -201,14 +207,16 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
         _write_lines(pred_file, lines)
     out = {
         "metrics": metrics.aggregate(per_draw[rankings[-1]]),
-        "ranking": "fused" if beta is not None else "llm",
-        "fusion_weight": beta,
+        "ranking": "fused" if fusion is not None else "llm",
+        "fusion": fusion,
         "normalize": normalize if config.mode == "score" else None,
         "seconds": round(seconds, 3),
         "predictions": str(pred_file) if pred_file else None,
     }
-    if beta is not None:
+    if fusion is not None:
         out["llm"] = {"metrics": metrics.aggregate(per_draw["llm"])}
+    if per_draw["encoder"]:
+        out["encoder"] = {"metrics": metrics.aggregate(per_draw["encoder"])}  # on the same rows and candidates
     return out
 
 
@@ -287,7 +295,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     encoder = None
     for d in run_dirs:
         err.print(f"Loading run {d} ...")
-        run = load_run(d, device=config.device)
+        run = load_run(d, device=resolve_device(config.device))
         encoder = encoder or run.model.encoder
         suffix = f"{split.name}-{config.mode}" + (f"-retrieve{retrieve}" if retrieve else "")
         pred = (

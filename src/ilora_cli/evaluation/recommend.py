@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..data.prepared import SplitData
+from ..devices import check_device, resolve_device
 from ..errors import UserError
 
 
@@ -22,9 +23,10 @@ class RecommendConfig:
     top_k: int = 10  # recommendations per user
     retrieve: int = 20  # without --candidates: the encoder's top-N of the catalogue, reranked by the LLM
     normalize: str | None = None  # sum or mean of title token log-probs (default: the run's)
-    device: str = "cpu"  # cpu or cuda
+    device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N
 
     def validate(self) -> None:
+        check_device(self.device)
         if not self.run:
             raise UserError("Pass --run RUN_DIR (a trained run).")
         if self.user_history is None:
@@ -107,7 +109,7 @@ class Recommender:
         from .evaluate import resolve_run
 
         self.config = config
-        self.run = load_run(resolve_run(config.run), device=config.device)
+        self.run = load_run(resolve_run(config.run), device=resolve_device(config.device))
         self.resolve = ItemResolver(self.run.titles)
         self.max_history = int(self.run.info["dataset"]["max_history"])
         self.pad_id = int(self.run.info["dataset"]["pad_id"])
@@ -121,6 +123,7 @@ class Recommender:
                 raise UserError("--candidates lists an item twice.")
 
     def recommend(self, raw_history: list[Any] | dict[str, Any]) -> dict[str, Any]:
+        from ..training.objectives import fused_scores
         from .evaluate import encoder_candidate_scores
         from .llm import score_candidates
 
@@ -146,8 +149,8 @@ class Recommender:
             cands = self.run.model.encoder.top_items([self._padded(history)], [len(history)], n)  # (1, n)
         llm, g = score_candidates(self.run, [history], cands, 1, self.config.normalize or self.run.normalize)
         enc = encoder_candidate_scores(self.run.model.encoder, self._one_row(history), cands)  # (1, n)
-        beta = self.run.fusion_weight
-        score = llm if beta is None else llm + beta * enc  # the run's default ranking
+        fusion = self.run.fusion
+        score = llm if fusion is None else fused_scores(llm, enc, fusion["llm"], fusion["encoder"])  # the default
         order = np.argsort(-score[0], kind="stable")[: self.config.top_k]
         return {
             "history": [{"item_id": i, "title": self.run.titles[i]} for i in history],
@@ -161,8 +164,8 @@ class Recommender:
                 }
                 for j in order
             ],
-            "ranking": "llm" if beta is None else "fused",  # fused: score = llm_score + fusion_weight · encoder_score
-            "fusion_weight": beta,
+            "ranking": "llm" if fusion is None else "fused",  # fused: fusion["llm"]·llm_score + fusion["encoder"]·...
+            "fusion": fusion,
             "gate": [float(x) for x in g[0]],
             "candidates": "given" if self.fixed is not None else f"encoder top-{cands.shape[1]}",
             "notes": notes,

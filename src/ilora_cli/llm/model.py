@@ -44,26 +44,34 @@ class Projector(nn.Module):
 
 
 class Fusion(nn.Module):
-    """The weight β of the fused candidate score ``s + β · e`` (language model + encoder), one scalar."""
+    """The fused candidate score ``a · s + b · e`` of the language model's score s and the encoder's e.
 
-    def __init__(self, weight: float = 1.0):
+    It starts at a = 0, b = 1 — the encoder's own ranking — and the LLM's weight grows only as far as its
+    scores improve the ranking (the two weights are fitted by the listwise loss, which is convex in them).
+    Only the ratio matters for the order: it is the β of ``s + β · e`` with β = b / a.
+    """
+
+    def __init__(self, llm_weight: float = 0.0, encoder_weight: float = 1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.tensor(float(weight)))
+        self.llm_weight = nn.Parameter(torch.tensor(float(llm_weight)))
+        self.encoder_weight = nn.Parameter(torch.tensor(float(encoder_weight)))
 
     def forward(self, llm: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
-        return llm.float() + self.weight * encoder.float()  # (B, C)
+        return self.llm_weight * llm.float() + self.encoder_weight * encoder.float()  # (B, C)
+
+    def weights(self) -> dict[str, float]:
+        """``{"llm": a, "encoder": b}``, as ilora.json records them."""
+        return {"llm": float(self.llm_weight.detach()), "encoder": float(self.encoder_weight.detach())}
 
 
 class ILoraModel(nn.Module):
     """A peft LoRA model plus projector and gate; ``forward`` applies per-sample expert mixtures.
 
-    With ``fusion`` (the initial β), the model also owns the weight of the encoder in fused candidate
-    scores; it is trained with the other weights and saved with the run.
+    With ``fusion`` (``{"llm": a, "encoder": b}``, or ``{}`` for the initial weights), the model also owns
+    the weights of the fused candidate score (:class:`Fusion`); they are trained and saved with the run.
     """
 
-    def __init__(
-        self, llm: nn.Module, tokenizer, encoder: nn.Module, config: ExpertConfig, fusion: float | None = None
-    ):
+    def __init__(self, llm: nn.Module, tokenizer, encoder: nn.Module, config: ExpertConfig, fusion: dict | None = None):
         super().__init__()
         config.validate()
         self.config = config
@@ -83,7 +91,7 @@ class ILoraModel(nn.Module):
             if config.gate == "token" and config.experts > 1
             else None
         )
-        self.fusion = Fusion(fusion) if fusion is not None else None
+        self.fusion = Fusion(fusion.get("llm", 0.0), fusion.get("encoder", 1.0)) if fusion is not None else None
         self.history_id = tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
         self.candidate_id = tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)
 

@@ -17,6 +17,7 @@ import yaml
 from .. import __version__
 from ..config import check_minimums, to_dict
 from ..console import err, progress
+from ..devices import check_device, resolve_device
 from ..errors import UserError
 from ..home import check_name
 from ..home import run_dir as named_run_dir
@@ -54,10 +55,9 @@ class TrainConfig:
     distill_weight: float | None = None  # λ of the KL term towards the encoder's softmax over the candidates
     # (rank objective; None: the objective's default)
     distill_temperature: float = 1.0  # τ of that KL term (both softmaxes)
-    fusion: str | None = None  # learned: rank by LLM score + β·encoder score with β trained (rank objective);
-    # none: by the LLM's score alone; None: learned for rank, none for generate
-    fusion_init: float = 1.0  # β at the start of training
-    fusion_lr: float = 1e-2  # learning rate of β
+    fusion: str | None = None  # learned: rank by a·LLM score + b·encoder score, a and b trained from a=0, b=1
+    # (rank objective); none: by the LLM's score alone; None: learned for rank, none for generate
+    fusion_lr: float = 2e-2  # learning rate of the fusion weights a and b
     hard_negatives: float = 0.0  # fraction of each training prompt's negatives drawn from the encoder's top items
     hard_pool: int = 100  # ... of its top this many items of the catalogue (history excluded)
     candidates: int = 20  # candidates in each training prompt
@@ -76,6 +76,10 @@ class TrainConfig:
     stop_after: int | None = None  # stop after this many steps with a checkpoint, to --resume later
     gradient_checkpointing: bool = False  # trade compute for memory
     checkpoint_every: int = 50  # checkpoint every N optimisation steps (and at the end)
+    validate_every: int | None = None  # score the val rows every N steps (LLM alone, fused, encoder) into the log
+    validate_at: list[int] | None = None  # ... and/or after exactly these steps (e.g. 8,16,32,64,128)
+    validate_rows: int | None = None  # validate on the first N val rows only (None: all)
+    validate_draws: int | None = None  # ... and the first N stored candidate draws (None: all)
     log_every: int = 1  # log every N optimisation steps
     seed: int = 42  # data order, candidates, templates, initialisation, dropout
     threads: int | None = None  # torch CPU threads (default: torch's choice)
@@ -95,8 +99,7 @@ class TrainConfig:
         self._resolve_objective_defaults()
         if self.experts < 1 or self.rank < 1 or self.rank % self.experts:
             raise UserError(f"rank ({self.rank}) must be a positive multiple of experts ({self.experts}).")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}.")
+        check_device(self.device)
         check_minimums(
             self,
             {
@@ -109,6 +112,9 @@ class TrainConfig:
                 "max_train_samples": 1,
                 "stop_after": 1,
                 "hard_pool": 2,
+                "validate_every": 1,
+                "validate_rows": 1,
+                "validate_draws": 1,
             },
         )
         if self.epochs <= 0:
@@ -117,8 +123,10 @@ class TrainConfig:
             raise UserError(f"distill_temperature must be positive; got {self.distill_temperature}.")
         if not 0 <= self.hard_negatives <= 1:
             raise UserError(f"hard_negatives is a fraction of the negatives, from 0 to 1; got {self.hard_negatives}.")
-        if not self.fusion_lr >= 0 or not math.isfinite(self.fusion_init):
-            raise UserError("fusion_lr must be at least 0 and fusion_init a finite number.")
+        if not self.fusion_lr >= 0:
+            raise UserError(f"fusion_lr must be at least 0; got {self.fusion_lr}.")
+        if self.validate_at is not None and any(x < 1 for x in self.validate_at):
+            raise UserError(f"validate_at lists optimisation steps, from 1; got {self.validate_at}.")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one.")
         if self.name is not None:
@@ -231,9 +239,7 @@ class Trainer:
         from ..llm.backbone import BackboneSpec
 
         config = self.config
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(config.device)
         self.spec = BackboneSpec(config.backbone, config.dtype, config.load_in_4bit, device)
         self.spec.validate()
         mixed = "bf16" if device.startswith("cuda") and self.spec.torch_dtype() == torch.bfloat16 else "no"
@@ -298,7 +304,7 @@ class Trainer:
             hybrid=config.prompt == "hybrid",
         )
         torch.manual_seed(config.seed)
-        fusion = config.fusion_init if config.fusion == "learned" else None
+        fusion = {} if config.fusion == "learned" else None  # the initial weights: the encoder's ranking
         self.model = ILoraModel(attach_lora(base, self.experts), tokenizer, self.encoder, self.experts, fusion=fusion)
         self.model.to(self.accelerator.device)
         self.builder = PromptBuilder(
@@ -362,7 +368,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.log_file = run_dir / "logs" / "train.jsonl"
         if self.main and self.resumed_from:
-            _truncate_log(self.log_file, self.step_count)  # steps logged after the checkpoint are run again
+            for log in (self.log_file, run_dir / "logs" / "validation.jsonl"):
+                _truncate_log(log, self.step_count)  # steps logged after the checkpoint are run again
 
     def _announce(self) -> None:
         if not self.main:
@@ -425,7 +432,7 @@ class Trainer:
             target_index.to(device),
             distill_weight=config.distill_weight,
             temperature=config.distill_temperature,
-            fusion_weight=self.unwrapped.fusion.weight if self.unwrapped.fusion is not None else None,
+            fusion=self.unwrapped.fusion,
         )
 
     def step(self) -> tuple[float, dict[str, float]]:
@@ -482,6 +489,8 @@ class Trainer:
                     estimate_printed = True
                 if main and (step % config.log_every == 0 or step == self.total_steps):
                     self._log(step, step_loss, terms, lr_now, sps, seconds, tb)
+                if self._validates_at(step):
+                    self.validate(step, tb)
                 stopping = config.stop_after is not None and step >= config.stop_after
                 if step % config.checkpoint_every == 0 or step == self.total_steps or stopping:
                     self.save_checkpoint()
@@ -503,12 +512,76 @@ class Trainer:
             "seconds": round(seconds, 4),
         }
         if self.unwrapped.fusion is not None:
-            record["fusion_weight"] = float(self.unwrapped.fusion.weight.detach())
+            record["fusion"] = self.unwrapped.fusion.weights()
         with open(self.log_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         if tb is not None:
             tb.add_scalar("train/loss", loss, step)
             tb.add_scalar("train/lr", lr, step)
+
+    # -- validation ----------------------------------------------------------------------------------
+    def _validates_at(self, step: int) -> bool:
+        config = self.config
+        return bool(
+            (config.validate_every and step % config.validate_every == 0)
+            or (config.validate_at and step in config.validate_at)
+        )
+
+    def validate(self, step: int, tb=None) -> dict[str, Any] | None:
+        """Score the val rows with the model as it is now (main process); log HR@1 and MRR of the LLM alone,
+        the fused ranking and the encoder, mean over the candidate draws. Training is not disturbed: no RNG
+        is drawn and the model goes back to training mode."""
+        from ..evaluation.evaluate import EvalConfig, evaluate_run, load_split
+        from .run import LoadedRun
+
+        result = None
+        if self.main:
+            config, model = self.config, self.unwrapped
+            if not hasattr(self, "_val_split"):
+                ev = EvalConfig(runs=["training"], draws=config.validate_draws, max_samples=config.validate_rows)
+                self._val_split = load_split(ev, self.dataset)
+            info = {
+                "dataset": {"pad_id": self.dataset.pad_id, "max_history": self.dataset.max_history},
+                "normalize": config.normalize,
+                "fusion": model.fusion.weights() if model.fusion is not None else None,
+            }
+            run = LoadedRun(model, self.builder.tokenizer, self.builder, info, self.dataset.titles)
+            t0 = time.perf_counter()
+            model.eval()
+            try:
+                ev = EvalConfig(runs=["training"], batch_size=max(8, config.batch_size), quiet=True)
+                out = evaluate_run(run, self._val_split, ev, "validation", None)
+            finally:
+                model.train()
+            rankings = {"llm": out["llm"] if "llm" in out else out, "encoder": out["encoder"]}
+            if out["ranking"] == "fused":
+                rankings["fused"] = out
+            result = {
+                "step": step,
+                "samples": step * self.per_step,
+                "val": {
+                    name: {m: r["metrics"][m]["mean"] for m in ("hr@1", "hr@5", "ndcg@5", "mrr")}
+                    for name, r in rankings.items()
+                },
+                "val_rows": len(self._val_split),
+                "val_draws": int(self._val_split.candidates.shape[1]),
+                "val_seconds": round(time.perf_counter() - t0, 3),
+            }
+            with open(self.run_dir / "logs" / "validation.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(result) + "\n")
+            if tb is not None:
+                for name, m in result["val"].items():
+                    tb.add_scalar(f"val/{name}_mrr", m["mrr"], step)
+                    tb.add_scalar(f"val/{name}_hr@1", m["hr@1"], step)
+            llm, fused = result["val"]["llm"], result["val"].get("fused")
+            err.print(
+                f"step {step}: val HR@1 / MRR  LLM {llm['hr@1']:.3f} / {llm['mrr']:.3f}"
+                + (f"  fused {fused['hr@1']:.3f} / {fused['mrr']:.3f}" if fused else "")
+                + f"  encoder {result['val']['encoder']['hr@1']:.3f} / {result['val']['encoder']['mrr']:.3f}"
+                + f"  ({result['val_seconds']:.0f} s)"
+            )
+        self.accelerator.wait_for_everyone()
+        return result
 
     # -- save ----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -544,7 +617,7 @@ class Trainer:
             "weights_sha256": digest,
         }
         if self.unwrapped.fusion is not None:
-            summary["fusion_weight"] = float(self.unwrapped.fusion.weight.detach())
+            summary["fusion"] = self.unwrapped.fusion.weights()
         if self.main and finished:
             write_final(self.run_dir, self.unwrapped, self.run_info(summary))
             err.print(f"Saved the run to {self.run_dir}.")
@@ -574,7 +647,7 @@ class Trainer:
             "objective": config.objective,
             "normalize": config.normalize,
             "templates": config.templates,
-            "fusion": {"weight": float(fusion.weight.detach())} if fusion is not None else None,
+            "fusion": fusion.weights() if fusion is not None else None,
             "encoder": {
                 "type": enc_info["type"],
                 "name": Path(enc_info["path"]).name,

@@ -4,10 +4,10 @@ Every training prompt lists C candidates; the model gives each a score ``s_c`` (
 log-likelihood of its title after the prompt) and the frozen encoder another, ``e_c`` (the dot product of
 the user representation and the item embedding). The loss of a batch is
 
-    listwise(s, y)  +  λ · distillation(s, e, τ)  +  listwise(stop_grad(s) + β · e, y)
+    listwise(s, y)  +  λ · distillation(s, e, τ)  +  listwise(a · stop_grad(s) + b · e, y)
 
-where the last term exists only with a learned fusion weight β and trains β alone: the language model
-keeps learning to rank on its own, and β learns how much of the encoder to add to it.
+where the last term exists only with learned fusion weights (a, b) and trains them alone: the language
+model keeps learning to rank on its own, and the fusion learns how much of it to add to the encoder.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return kl.mean() * temperature**2
 
 
-def fused_scores(llm: torch.Tensor, encoder: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
-    """The fused ranking score ``s + β · e`` of every candidate, (B, C)."""
-    return llm.float() + weight * encoder.float()
+def fused_scores(llm, encoder, llm_weight, encoder_weight):
+    """The fused ranking score ``a · s + b · e`` of every candidate, (B, C) tensors or arrays."""
+    return llm_weight * llm + encoder_weight * encoder
 
 
 def rank_loss(
@@ -49,7 +49,7 @@ def rank_loss(
     target: torch.Tensor,
     distill_weight: float = 0.0,
     temperature: float = 1.0,
-    fusion_weight: torch.Tensor | None = None,
+    fusion=None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The whole ``rank`` objective (module doc) and its terms as floats, for the training log."""
     loss = listwise_loss(llm, target)
@@ -58,8 +58,8 @@ def rank_loss(
         kd = distillation_loss(llm, encoder, temperature)
         loss = loss + distill_weight * kd
         terms["distill"] = float(kd.detach())
-    if fusion_weight is not None:
-        fused = listwise_loss(fused_scores(llm.detach(), encoder, fusion_weight), target)
+    if fusion is not None:  # a Fusion module: (s, e) -> a · s + b · e
+        fused = listwise_loss(fusion(llm.detach(), encoder), target)
         loss = loss + fused
         terms["fused"] = float(fused.detach())
     return loss, terms

@@ -1,6 +1,6 @@
 """The run directory: everything ``eval`` and ``recommend`` need, and nothing else.
 
-ilora.json             backbone, experts, rank, gate, prompt, templates, objective, fusion weight, encoder and
+ilora.json             backbone, experts, rank, gate, prompt, templates, objective, fusion weights, encoder and
                        dataset checksums
 config.yaml            the resolved training config
 adapter/               the PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
@@ -94,10 +94,11 @@ class LoadedRun:
         return self.info.get("normalize", "sum")
 
     @property
-    def fusion_weight(self) -> float | None:
-        """β of the run's default ranking ``LLM score + β · encoder score``; None: the LLM's score alone."""
+    def fusion(self) -> dict[str, float] | None:
+        """``{"llm": a, "encoder": b}`` of the run's default ranking ``a · LLM + b · encoder``; None: the LLM's
+        score alone."""
         fusion = self.info.get("fusion")
-        return float(fusion["weight"]) if fusion else None
+        return {"llm": float(fusion["llm"]), "encoder": float(fusion["encoder"])} if fusion else None
 
 
 def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None = None) -> LoadedRun:
@@ -124,8 +125,7 @@ def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None
     base, tokenizer = load_backbone(spec)
     llm = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
     cfg = ExpertConfig(**info["experts"])
-    fusion = info.get("fusion")
-    model = ILoraModel(llm, tokenizer, encoder, cfg, fusion=float(fusion["weight"]) if fusion else None)
+    model = ILoraModel(llm, tokenizer, encoder, cfg, fusion=info.get("fusion"))
     if model.projector is not None:
         model.projector.load_state_dict(load_file(run_dir / "projector.safetensors"))
     gate = load_file(run_dir / "gate.safetensors")

@@ -549,7 +549,7 @@ class Trainer:
             t0 = time.perf_counter()
             model.eval()
             try:
-                ev = EvalConfig(runs=["training"], batch_size=max(8, config.batch_size), quiet=True)
+                ev = EvalConfig(runs=["training"], batch_size=max(16, config.batch_size), quiet=True)
                 out = evaluate_run(run, self._val_split, ev, "validation", None)
             finally:
                 model.train()

@@ -42,6 +42,8 @@ SUITES: dict[str, dict[str, dict]] = {
         "compact+kd1+attn": {**COMPACT_KD, "target_modules": "q_proj,k_proj,v_proj,o_proj"},
         "compact+kd1+r8": {**COMPACT_KD, "rank": 8},
         "compact+kd1+c10": {**COMPACT_KD, "candidates": 10},
+        "compact+kd1+user": {**COMPACT_KD, "user_token": True},
+        "compact+user": {"templates": "compact", "distill_weight": 0.0, "user_token": True},
     },
     # the mechanism: K = 4 with the user gate against plain LoRA of the same total rank, LLM alone
     "mechanism": {

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .experts import Gate, TokenRouters, expert_gating, lora_a_modules
-from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, PromptBatch
+from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, PromptBatch
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ExpertConfig:
     gate: str = "user"  # user, mlp, prompt, token, uniform
     target_modules: str = "all-linear"  # peft target modules: every attention and MLP projection by default
     hybrid: bool = True  # replace placeholder embeddings with projected item embeddings
+    user_token: bool = False  # one more placeholder: the encoder's user representation, by its own projector
 
     def validate(self) -> None:
         if self.experts < 1 or self.rank < 1 or self.rank % self.experts:
@@ -83,6 +84,7 @@ class ILoraModel(nn.Module):
         hidden = llm.get_input_embeddings().embedding_dim
         item_dim = encoder.item_embedding.embedding_dim
         self.projector = Projector(item_dim, hidden) if config.hybrid else None
+        self.user_projector = Projector(item_dim, hidden) if config.hybrid and config.user_token else None
         # K = 1 has nothing to mix: no gate parameters (they would get no gradient, which DDP rejects).
         gate_kind = "uniform" if config.experts == 1 else config.gate
         self.gate = Gate(gate_kind, config.experts, user_dim=item_dim, prompt_dim=hidden)
@@ -94,6 +96,7 @@ class ILoraModel(nn.Module):
         self.fusion = Fusion(fusion.get("llm", 0.0), fusion.get("encoder", 1.0)) if fusion is not None else None
         self.history_id = tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
         self.candidate_id = tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)
+        self.user_id = tokenizer.convert_tokens_to_ids(USER_TOKEN)
 
     def train(self, mode: bool = True) -> ILoraModel:
         super().train(mode)
@@ -130,6 +133,12 @@ class ILoraModel(nn.Module):
         # which is the order of history[real] and candidates.reshape(-1).
         embeds = embeds.masked_scatter(hist_mask.unsqueeze(-1).expand_as(embeds), vecs[:n_hist])
         embeds = embeds.masked_scatter(cand_mask.unsqueeze(-1).expand_as(embeds), vecs[n_hist:])
+        if self.user_projector is not None:
+            user_mask = batch.input_ids == self.user_id  # (B, T): one per row
+            if not torch.equal(user_mask.sum(1), torch.ones_like(user_mask.sum(1))):
+                raise RuntimeError("every prompt must hold exactly one user placeholder")
+            user = self.user_projector(self.user_representation(batch).to(self.user_projector.net[0].weight.dtype))
+            embeds = embeds.masked_scatter(user_mask.unsqueeze(-1).expand_as(embeds), user.to(embeds.dtype))  # (B, H)
         return embeds
 
     def user_representation(self, batch: PromptBatch) -> torch.Tensor:
@@ -250,6 +259,8 @@ class ILoraModel(nn.Module):
         if self.token_routers is not None:
             gate += list(self.token_routers.parameters())
         projector = list(self.projector.parameters()) if self.projector is not None else []
+        if self.user_projector is not None:
+            projector += list(self.user_projector.parameters())
         fusion = list(self.fusion.parameters()) if self.fusion is not None else []
         return {"lora": lora, "projector": projector, "gate": gate, "fusion": fusion}
 

@@ -23,6 +23,7 @@ import torch
 
 HISTORY_TOKEN = "[HistoryEmb]"
 CANDIDATE_TOKEN = "[CansEmb]"
+USER_TOKEN = "[UserEmb]"  # the encoder's user representation, projected (compact templates, ``user_token``)
 
 _NOUN = {"music": "artist", "movies": "movie", "games": "game", "generic": "item"}
 _VERB = {"music": "listened to", "movies": "watched", "games": "played", "generic": "interacted with"}
@@ -34,7 +35,7 @@ TEMPLATES = (
     "A user {verb} {history} in that order. Of {candidates}, the next {noun} is",
     "Given the {noun}s {history}, pick the next one among {candidates}. The answer is",
 )
-COMPACT_TEMPLATES = ("History:{history}. Candidates:{candidates}. Next {noun}:",)
+COMPACT_TEMPLATES = ("History:{history}. Candidates:{candidates}. Next {noun}:{user}",)
 TEMPLATE_SETS = {"ilora-v1": TEMPLATES, "compact": COMPACT_TEMPLATES}
 
 
@@ -68,9 +69,15 @@ class PromptBuilder:
         domain: str = "generic",
         hybrid: bool = True,
         templates: str = "ilora-v1",
+        user_token: bool = False,
     ):
         if templates not in TEMPLATE_SETS:
             raise ValueError(f"unknown template set {templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+        if user_token and not (hybrid and all("{user}" in t for t in TEMPLATE_SETS[templates])):
+            raise ValueError(
+                f"the user token needs hybrid prompts and templates with a user slot (compact), not {templates!r}"
+            )
+        self.user_token = user_token
         self.tokenizer = tokenizer
         self.hybrid = hybrid
         self.template_set = templates
@@ -102,6 +109,7 @@ class PromptBuilder:
             noun=_NOUN[self.domain],
             history=self._items(history, HISTORY_TOKEN),
             candidates=self._items(candidates, CANDIDATE_TOKEN),
+            user=USER_TOKEN if self.user_token else "",
         )
 
     def prompt_ids(self, history: Sequence[int], candidates: Sequence[int], template: int = 0) -> list[int]:
@@ -161,8 +169,8 @@ class PromptBuilder:
 
 
 def add_placeholder_tokens(tokenizer, model=None) -> None:
-    """Add ``[HistoryEmb]``/``[CansEmb]`` as special tokens (and grow the model's embeddings to match)."""
-    missing = [t for t in (HISTORY_TOKEN, CANDIDATE_TOKEN) if t not in tokenizer.get_vocab()]
+    """Add ``[HistoryEmb]``/``[CansEmb]``/``[UserEmb]`` as special tokens (and grow the model's embeddings)."""
+    missing = [t for t in (HISTORY_TOKEN, CANDIDATE_TOKEN, USER_TOKEN) if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     if model is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):

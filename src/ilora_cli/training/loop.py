@@ -52,6 +52,7 @@ class TrainConfig:
     objective: str = "rank"  # rank (listwise over candidate titles) or generate (answer cross-entropy)
     normalize: str = "mean"  # candidate score: mean or sum of title token log-probs (rank objective, eval)
     templates: str = "ilora-v1"  # prompt template set: ilora-v1 (paraphrases) or compact (about 30% fewer tokens)
+    user_token: bool = False  # compact hybrid prompts end with the encoder's user representation ([UserEmb])
     distill_weight: float | None = None  # λ of the KL term towards the encoder's softmax over the candidates
     # (rank objective; None: the objective's default)
     distill_temperature: float = 1.0  # τ of that KL term (both softmaxes)
@@ -97,6 +98,8 @@ class TrainConfig:
         if self.templates not in TEMPLATE_SETS:
             raise UserError(f"Unknown template set {self.templates!r}; choose one of: {', '.join(TEMPLATE_SETS)}.")
         self._resolve_objective_defaults()
+        if self.user_token and (self.prompt != "hybrid" or self.templates != "compact"):
+            raise UserError("user_token needs the hybrid prompt and the compact templates (templates=compact).")
         if self.experts < 1 or self.rank < 1 or self.rank % self.experts:
             raise UserError(f"rank ({self.rank}) must be a positive multiple of experts ({self.experts}).")
         check_device(self.device)
@@ -302,13 +305,19 @@ class Trainer:
             gate=config.gate,
             target_modules=_targets(config.target_modules),
             hybrid=config.prompt == "hybrid",
+            user_token=config.user_token,
         )
         torch.manual_seed(config.seed)
         fusion = {} if config.fusion == "learned" else None  # the initial weights: the encoder's ranking
         self.model = ILoraModel(attach_lora(base, self.experts), tokenizer, self.encoder, self.experts, fusion=fusion)
         self.model.to(self.accelerator.device)
         self.builder = PromptBuilder(
-            tokenizer, self.dataset.titles, self.dataset.domain, hybrid=self.experts.hybrid, templates=config.templates
+            tokenizer,
+            self.dataset.titles,
+            self.dataset.domain,
+            hybrid=self.experts.hybrid,
+            templates=config.templates,
+            user_token=config.user_token,
         )
         self.load_seconds = time.perf_counter() - t_load
 
@@ -381,7 +390,7 @@ class Trainer:
         ]
         mean_tokens = float(np.mean(sample_tokens))
         n = self.total_steps * self.per_step
-        extras = [f"{config.templates} templates"]
+        extras = [f"{config.templates} templates" + (" with the user token" if config.user_token else "")]
         if config.distill_weight > 0:
             extras.append(f"distillation {config.distill_weight:g} at τ={config.distill_temperature:g}")
         if config.fusion == "learned":
@@ -642,6 +651,7 @@ class Trainer:
                 "gate": experts.gate,
                 "target_modules": experts.target_modules,
                 "hybrid": experts.hybrid,
+                "user_token": experts.user_token,
             },
             "prompt": config.prompt,
             "objective": config.objective,
@@ -667,7 +677,7 @@ class Trainer:
 
 def is_trained_weight(name: str) -> bool:
     """Whether an :class:`ILoraModel` parameter is one that training changes (and a run saves)."""
-    return "lora_" in name or name.startswith(("projector.", "gate.", "token_routers.", "fusion."))
+    return "lora_" in name or name.startswith(("projector.", "user_projector.", "gate.", "token_routers.", "fusion."))
 
 
 def weights_digest(model) -> str:

@@ -5,6 +5,7 @@ ilora.json             backbone, experts, rank, gate, prompt, templates, objecti
 config.yaml            the resolved training config
 adapter/               the PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
 projector.safetensors  item-embedding projector (absent for text-only prompts)
+user_projector.safetensors  the user representation's projector (only with ``user_token``)
 gate.safetensors       gate (and per-token routers) weights
 encoder/               a copy of the frozen collaborative encoder (safetensors + JSON)
 items.json             item titles, so a run can recommend without the prepared dataset
@@ -49,10 +50,12 @@ def write_final(run_dir: Path, model, info: dict[str, Any]) -> None:
     model.llm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
     if model.projector is not None:
         save_file(module_tensors(model.projector), tmp / "projector.safetensors")
+    if model.user_projector is not None:
+        save_file(module_tensors(model.user_projector), tmp / "user_projector.safetensors")
     gate = {f"gate.{k}": v for k, v in module_tensors(model.gate).items()}
     gate.update({f"token_routers.{k}": v for k, v in module_tensors(model.token_routers).items()})
     save_file(gate or {"gate.empty": torch.zeros(0)}, tmp / "gate.safetensors")
-    for name in ("adapter", "projector.safetensors", "gate.safetensors"):
+    for name in ("adapter", "projector.safetensors", "user_projector.safetensors", "gate.safetensors"):
         src, dst = tmp / name, run_dir / name
         if not src.exists():
             continue
@@ -128,6 +131,8 @@ def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None
     model = ILoraModel(llm, tokenizer, encoder, cfg, fusion=info.get("fusion"))
     if model.projector is not None:
         model.projector.load_state_dict(load_file(run_dir / "projector.safetensors"))
+    if model.user_projector is not None:
+        model.user_projector.load_state_dict(load_file(run_dir / "user_projector.safetensors"))
     gate = load_file(run_dir / "gate.safetensors")
     model.gate.load_state_dict({k[5:]: v for k, v in gate.items() if k.startswith("gate.") and k != "gate.empty"})
     if model.token_routers is not None:
@@ -135,6 +140,11 @@ def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None
     model.to(device).eval()
     titles = json.loads((run_dir / "items.json").read_text(encoding="utf-8"))["titles"]
     builder = PromptBuilder(
-        tokenizer, titles, info["dataset"]["domain"], hybrid=cfg.hybrid, templates=info.get("templates", "ilora-v1")
+        tokenizer,
+        titles,
+        info["dataset"]["domain"],
+        hybrid=cfg.hybrid,
+        templates=info.get("templates", "ilora-v1"),
+        user_token=cfg.user_token,
     )
     return LoadedRun(model=model, tokenizer=tokenizer, builder=builder, info=info, titles=titles)

@@ -1,48 +1,79 @@
-"""Step time of the two training objectives on the default backbone (K=4, batch 8), alternated in one run.
+"""Training step time on the default backbone (batch 8), configurations alternated in one run.
 
-Usage: python bench/bench_step.py [--dataset synthetic] [--repeats 2]
+    python bench/bench_step.py [--dataset lastfm] [--repeats 3] [--configs today compact+kd1 ...]
+
+Without ``--configs``: the two objectives (``rank``, ``generate``; K = 4, ilora-v1 templates). With
+``--configs``: configurations of ``bench_levers.py`` by name, each a real ``Trainer`` (the same loop as
+``ilora train``), stepped in turn so that machine noise falls on all of them alike; the first step of each
+is left out (warm-up). The CPU minutes of a budget are steps × the median seconds per step measured here.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
-import torch
-from bench_train import batches, build, step_fn
 from common import ensure_dataset, write_result
+
+OBJECTIVES = {
+    "rank": {"objective": "rank", "templates": "ilora-v1", "distill_weight": 0.0},
+    "generate": {"objective": "generate", "templates": "ilora-v1"},
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="synthetic")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dataset", default="lastfm")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--configs", nargs="+", default=None)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from ilora_cli.data.prepared import PreparedDataset
+    from bench_levers import SUITES
+
+    from ilora_cli.training.loop import Trainer, TrainConfig
 
     if not ensure_dataset(args.dataset):
         print(f"dataset {args.dataset} not available; skipping")
         return
-    ds = PreparedDataset.open(args.dataset)
-    model, builder = build(ds, 4)
-    model.train()
-    opt = torch.optim.AdamW([p for ps in model.trainable_parameters().values() for p in ps], lr=1e-5)
-    times: dict[str, list[float]] = {"generate": [], "rank": []}
-    for _ in range(args.repeats):
-        for objective in ("generate", "rank"):
-            data = batches(ds, builder, 1, 8, objective)
-            t = time.perf_counter()
-            step_fn(model, opt, data[0], objective, builder)()
-            times[objective].append(time.perf_counter() - t)
-            print(objective, round(times[objective][-1], 2), flush=True)
+    configs = {n: SUITES["levers"][n] for n in args.configs} if args.configs else OBJECTIVES
+    trainers = {
+        name: Trainer(
+            TrainConfig(
+                dataset=args.dataset,
+                name=f"bench-step-{name.replace('+', '_')}",
+                overwrite=True,
+                quiet=True,
+                max_train_samples=8 * (args.repeats + 1),
+                checkpoint_every=10**6,
+                **overrides,
+            )
+        )
+        for name, overrides in configs.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for t in trainers.values():
+        t.model.train()
+    for r in range(args.repeats + 1):
+        for name, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.step()
+            seconds = time.perf_counter() - t0
+            if r > 0:
+                times[name].append(seconds)
+            print(f"{name:<24} step {r}: {seconds:6.2f} s", flush=True)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    base = next(iter(median))
+    for name, m in median.items():
+        print(f"{name:<24} median {m:6.2f} s/step   ratio to {base}: {m / median[base]:.2f}")
     write_result(
-        f"step-{args.dataset}",
+        args.out or f"step-{args.dataset}" + ("-configs" if args.configs else ""),
         {
             "dataset": args.dataset,
             "batch": 8,
-            "experts": 4,
             "step_seconds": times,
-            "ratio_rank_over_generate": min(times["rank"]) / min(times["generate"]),
+            "median_seconds": median,
+            "ratio_to_first": {name: m / median[base] for name, m in median.items()},
         },
     )
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .experts import Gate, TokenRouters, expert_gating, lora_a_modules
+from .experts import Gate, GateHolder, TokenRouters, install_gate_hooks, lora_a_modules
 from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, PromptBatch
 
 
@@ -94,6 +94,12 @@ class ILoraModel(nn.Module):
             else None
         )
         self.fusion = Fusion(fusion.get("llm", 0.0), fusion.get("encoder", 1.0)) if fusion is not None else None
+        # The gate hooks stay on the LoRA layers for the model's life; forward fills the holder they read.
+        self._gates = GateHolder()
+        if self.token_routers is not None:
+            install_gate_hooks(llm, config.rank, token_routers=self.token_routers)
+        elif config.experts > 1:
+            install_gate_hooks(llm, config.rank, holder=self._gates)
         self.history_id = tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
         self.candidate_id = tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)
         self.user_id = tokenizer.convert_tokens_to_ids(USER_TOKEN)
@@ -163,15 +169,14 @@ class ILoraModel(nn.Module):
 
     @contextmanager
     def gated(self, gates: torch.Tensor):
-        """Route every LoRA layer through the experts, weighted by ``gates`` (B, K), inside the block."""
-        if self.token_routers is not None and self.config.experts > 1:
-            with expert_gating(self.llm, self.config.rank, token_routers=self.token_routers):
-                yield
-        elif self.config.experts == 1:
-            yield  # K = 1 is plain LoRA: the gate is identically 1
-        else:
-            with expert_gating(self.llm, self.config.rank, gate=gates):
-                yield
+        """Route every LoRA layer through the experts, weighted by ``gates`` (B, K), inside the block.
+
+        The gates stay in force after the block, until the next ``forward`` or ``gated``: gradient
+        checkpointing runs the layers again during ``backward`` and must see the same gates (the token
+        gate routes inside its own hooks and ignores them; with K = 1 there is nothing to mix).
+        """
+        self._gates.gate = gates
+        yield
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(

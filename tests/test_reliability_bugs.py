@@ -47,7 +47,9 @@ def _grads(gate: str, objective: str, checkpointing: bool) -> dict[str, torch.Te
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("gate,objective", [("user", "rank"), ("user", "generate"), ("token", "rank"), ("mlp", "generate")])
+@pytest.mark.parametrize(
+    "gate,objective", [("user", "rank"), ("user", "generate"), ("token", "rank"), ("mlp", "generate")]
+)
 def test_gradient_checkpointing_with_experts_gives_the_same_gradients(gate, objective):
     plain = _grads(gate, objective, checkpointing=False)
     recomputed = _grads(gate, objective, checkpointing=True)  # raised CheckpointError for K > 1 before

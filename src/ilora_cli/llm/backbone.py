@@ -57,6 +57,15 @@ class BackboneSpec:
         }
 
 
+def mixed_precision(device: str, dtype: torch.dtype) -> str:
+    """accelerate's ``mixed_precision`` for a backbone of ``dtype`` on ``device``: half-precision weights on a
+    GPU train under autocast — bf16 as it is, fp16 with a gradient scaler as well (without one, small
+    fp16 gradients underflow to zero) — while the trained weights (LoRA, projector, gate) stay in fp32."""
+    if not device.startswith("cuda"):
+        return "no"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
 def default_backbone_dir() -> Path:
     """The dequantized SmolLM2 weights (safetensors), created on first use from the packaged GGUF file."""
     target = cache_dir() / "backbones" / DEFAULT_BACKBONE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -133,6 +134,22 @@ def clean_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
+# Write failures that are the disk's, not a bug: full, over quota, a file-size limit, read-only.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """The reason, when ``exc`` is a write that the disk refused (safetensors reports those as its own
+    error type, with the OS error number in the message); None for anything else."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return os.strerror(exc.errno)
+    if type(exc).__name__ == "SafetensorError":
+        for code in _DISK_ERRNOS:
+            if f"(os error {code})" in str(exc):
+                return os.strerror(code)
+    return None
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target`` and rename it into place on success.
@@ -151,9 +168,13 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reason = disk_error(exc)
+        if reason is None:
+            raise
+        kept = "the previous one is unchanged" if target.exists() else "nothing was left behind"
+        raise UserError(f"Could not write {target} ({reason}); {kept}.") from None
     if target.exists():
         trash = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, trash)

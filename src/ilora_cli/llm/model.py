@@ -297,6 +297,8 @@ def attach_lora(base: nn.Module, config: ExpertConfig, init_lora_weights: bool |
     """Wrap a (frozen) causal LM in a peft LoRA of total rank r on the target modules."""
     from peft import LoraConfig, get_peft_model
 
+    from ..errors import UserError
+
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -305,4 +307,10 @@ def attach_lora(base: nn.Module, config: ExpertConfig, init_lora_weights: bool |
         task_type="CAUSAL_LM",
         init_lora_weights=init_lora_weights,
     )
-    return get_peft_model(base, lora)
+    try:
+        return get_peft_model(base, lora)
+    except ValueError as exc:
+        if "target" not in str(exc).lower():
+            raise
+        first = str(exc).splitlines()[0]
+        raise UserError(f"target_modules={config.target_modules!r} does not fit the backbone: {first}") from None

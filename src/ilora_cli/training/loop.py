@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import check_minimums, to_dict
+from ..config import check_minimums, check_range, to_dict
 from ..console import err, progress
 from ..devices import check_device, resolve_device
 from ..errors import UserError
@@ -118,22 +118,27 @@ class TrainConfig:
                 "validate_every": 1,
                 "validate_rows": 1,
                 "validate_draws": 1,
+                "threads": 1,
+                "seed": 0,
             },
         )
-        if self.epochs <= 0:
-            raise UserError(f"epochs must be positive; got {self.epochs}.")
-        if not self.distill_temperature > 0:
-            raise UserError(f"distill_temperature must be positive; got {self.distill_temperature}.")
-        if not 0 <= self.hard_negatives <= 1:
-            raise UserError(f"hard_negatives is a fraction of the negatives, from 0 to 1; got {self.hard_negatives}.")
-        if not self.fusion_lr >= 0:
-            raise UserError(f"fusion_lr must be at least 0; got {self.fusion_lr}.")
+        self._check_ranges()
         if self.validate_at is not None and any(x < 1 for x in self.validate_at):
             raise UserError(f"validate_at lists optimisation steps, from 1; got {self.validate_at}.")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one.")
         if self.name is not None:
             check_name(self.name, "run name")
+
+    def _check_ranges(self) -> None:
+        """Every number where it makes sense (NaN and infinities nowhere): one sentence for the first that does not."""
+        for name in ("lr", "alpha", "epochs", "max_grad_norm", "distill_temperature"):
+            check_range(self, name, low=0, low_open=True)
+        for name in ("projector_lr", "gate_lr", "fusion_lr", "weight_decay", "distill_weight"):
+            check_range(self, name, low=0)
+        for name in ("warmup_ratio", "min_lr_ratio", "hard_negatives"):
+            check_range(self, name, low=0, high=1)
+        check_range(self, "lora_dropout", low=0, high=1, high_open=True)
 
     def _resolve_objective_defaults(self) -> None:
         """Fill in the settings whose default depends on the objective; refuse rank-only settings with generate."""

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..home import MANIFEST, fsync_dir, fsync_tree, manifest_problem, write_manifest, write_text_durably
+from ..home import MANIFEST, disk_error, fsync_dir, fsync_tree, manifest_problem, write_manifest, write_text_durably
 
 RUN_FORMAT = 1
 
@@ -65,7 +65,20 @@ RUN_FILES = (
 
 def write_final(run_dir: Path, model, info: dict[str, Any]) -> None:
     """Write adapter, projector, gate and ilora.json, then the manifest, which marks the run complete."""
-    run_dir = Path(run_dir)
+    try:
+        _write_final(Path(run_dir), model, info)
+    except (OSError, SafetensorError) as exc:
+        reason = disk_error(exc)
+        if reason is None:
+            raise
+        shutil.rmtree(Path(run_dir) / ".final.tmp", ignore_errors=True)
+        raise UserError(
+            f"Could not write the finished run to {run_dir} ({reason}); its checkpoints are intact: "
+            "free some space and pass --resume."
+        ) from None
+
+
+def _write_final(run_dir: Path, model, info: dict[str, Any]) -> None:
     (run_dir / MANIFEST).unlink(missing_ok=True)  # a resumed run that is written again is not complete meanwhile
     tmp = run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -85,7 +85,8 @@ def read_table(
             missing = [r for r in roles if names[r] is None]
             if missing:
                 raise UserError(
-                    f"{path.name} has no {' or '.join(ALIASES[missing[0]])} field (found: {', '.join(row) or 'none'})."
+                    f"{path.name} has no {' or '.join(ALIASES[missing[0]])} field "
+                    f"(found: {', '.join(repr(k)[:40] for k in row) or 'none'})."
                 )
         out = {k: v for k, v in row.items() if k not in {n for n in names.values() if n}}
         for role, name in names.items():

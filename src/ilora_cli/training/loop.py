@@ -425,8 +425,8 @@ class Trainer:
 
         config, run_dir = self.config, self.run_dir
         if self.main:
+            clean_stale_temporaries(self.final_dir)  # what killed runs and overwrites left beside it
             if self.fresh_start:
-                clean_stale_temporaries(self.final_dir)
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 (run_dir / "logs").mkdir(parents=True)

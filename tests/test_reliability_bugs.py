@@ -60,3 +60,21 @@ def test_gradient_checkpointing_with_experts_gives_the_same_gradients(gate, obje
         assert plain[n].abs().sum() > 0, n  # ... and gets a gradient through the recomputed layers
     for n in plain:
         torch.testing.assert_close(recomputed[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_evaluation_creates_every_tensor_on_the_models_device():
+    """``recommend device=cuda`` built the history on the CPU and gave it to the encoder on the GPU. Every
+    tensor that evaluation and recommendation create must name its device (or be moved there at once);
+    this reads each creation site, as no GPU is available to every test run."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "ilora_cli" / "evaluation"
+    creation = re.compile(r"torch\.(tensor|as_tensor|zeros|ones|full|arange|empty|rand\w*|from_numpy)\(")
+    unplaced = []
+    for path in sorted(root.glob("*.py")):
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if creation.search(line) and "device=" not in line and ".to(" not in line:
+                unplaced.append(f"{path.name}:{lineno}: {line.strip()}")
+    assert not unplaced, unplaced
+    assert creation.search("x = torch.as_tensor(seq)")  # the pattern finds what it looks for

@@ -345,3 +345,41 @@ def test_checkpoints_are_flushed_to_disk_before_and_after_the_rename(tmp_path, m
     for f in target.iterdir():
         assert f.name in names, f.name  # every file, under its temporary directory
     assert str(tmp_path) in synced  # and the directory holding the renamed one, after the rename
+
+
+# -- eval and recommend on an intact run --------------------------------------------------------------------------
+
+
+def test_eval_predictions_into_a_folder_never_touch_unrelated_files(world, tmp_path):
+    from ilora_cli.evaluation.evaluate import EvalConfig, evaluate
+
+    run = str(world / "runs" / "rel-full")
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    # before: a crash after the whole evaluation, leaving preds.tmp behind
+    out = evaluate(EvalConfig(runs=[run], predictions=folder, max_samples=2, draws=1, quiet=True))
+    written = Path(out["results"]["rel-full"]["predictions"])
+    assert written.parent == folder and written.read_text().count("\n") == 2
+    (tmp_path / "x.tmp").write_text("unrelated")  # before: overwritten by the predictions of x.jsonl
+    evaluate(EvalConfig(runs=[run], predictions=tmp_path / "x.jsonl", max_samples=2, draws=1, quiet=True))
+    assert (tmp_path / "x.tmp").read_text() == "unrelated" and (tmp_path / "x.jsonl").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    with pytest.raises(UserError, match="is a file"):  # refused before the evaluation, not after it
+        evaluate(EvalConfig(runs=[run], predictions=tmp_path / "x.tmp" / "p.jsonl", quiet=True))
+
+
+def test_recommend_batch_answers_good_lines_and_numbers_bad_ones(world, tmp_path):
+    users = tmp_path / "users.jsonl"
+    users.write_text('[1, 2, 3]\n{"oops": 1}\n[4, 5\n[999]\n[6, 7, 8]\n')
+    empty = tmp_path / "none.json"
+    empty.write_text("[]")
+    r = run_cli("recommend", "--run", "rel-full", "--user-history", str(users), home=world)
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert [("error" in x) for x in lines] == [False, True, True, True, False]
+    assert "line 2" in lines[1]["error"] and "line 3" in lines[2]["error"] and "999" in lines[3]["error"]
+    assert len(lines[0]["recommendations"]) == 10 and len(lines[4]["recommendations"]) == 10
+    from ilora_cli.evaluation.recommend import RecommendConfig, Recommender
+
+    with pytest.raises(UserError, match="lists no items"):
+        Recommender(RecommendConfig(run="rel-full", user_history=users, candidates=empty, device="cpu"))

@@ -82,14 +82,16 @@ def test_uniform_gate_equals_plain_lora_of_the_same_total_rank():
 
 
 def test_fused_form_matches_the_expert_sum_definition():
-    """h = W x + s Σ_k g_k B_k A_k x with s = α/(r/K), on one adapted layer."""
-    model, _ = _setup(experts=4, rank=8)
-    layer_name, lora_a = next(iter(lora_a_modules(model.llm).items()))
-    layer = model.llm.get_submodule(layer_name)
+    """h = W x + s Σ_k g_k B_k A_k x with s = α/(r/K), on one adapted layer (a bare peft model)."""
+    tok = word_tokenizer(TITLES)
+    llm = attach_lora(tiny_llama(len(tok), seed=0), ExpertConfig(experts=4, rank=8, alpha=16, dropout=0.0))
+    _randomise_lora(llm)
+    layer_name, lora_a = next(iter(lora_a_modules(llm).items()))
+    layer = llm.get_submodule(layer_name)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, d_in), (d_out, r)
     x = torch.randn(2, 5, A.shape[1])
     g = torch.softmax(torch.randn(2, 4), dim=-1)
-    with torch.no_grad(), expert_gating(model.llm, 8, gate=g):
+    with torch.no_grad(), expert_gating(llm, 8, gate=g):
         fused = layer(x)
     base = layer.base_layer(x)
     s = 16 / (8 / 4)  # α / (r/K)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -145,6 +146,39 @@ def check_minimums(config: Any, minimums: dict[str, int]) -> None:
         value = getattr(config, field)
         if value is not None and value < minimum:
             raise UserError(f"{field} must be at least {minimum}; got {value}.")
+
+
+def check_range(
+    config: Any,
+    field: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Refuse a number outside [low, high] (``*_open``: the bound itself excluded), NaN or an infinity, with one
+    sentence; ``None`` (an unset optional) passes."""
+    value = getattr(config, field)
+    if value is None:
+        return
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    ok = math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    if low is not None and high is not None:
+        want = f"in {lo}, {hi}"
+    elif low == 0 and low_open:
+        want = "positive"
+    elif low is not None:
+        want = f"{'greater than' if low_open else 'at least'} {low:g}"
+    elif high is not None:
+        want = f"{'less than' if high_open else 'at most'} {high:g}"
+    else:
+        want = "a finite number"
+    raise UserError(f"{field} must be {want}; got {value}.")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -44,26 +48,193 @@ def cache_dir() -> Path:
     return ilora_home() / "cache"
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to the disk (a rename is durable only after what it renames is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (the names created, renamed or removed in it) to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # file systems or platforms that cannot open a directory have nothing to flush
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; their entries are flushed with the files
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory, deepest first."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary beside it, flushed to the disk before it replaces the old one."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(part, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def clean_stale_temporaries(target: Path) -> list[Path]:
+    """Remove what killed writes of ``target`` left beside it (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) when
+    the process that made them is gone; returns what was removed. Names without a process id are from
+    older versions and are always stale."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.iterdir():
+        if not p.name.startswith(f".{target.name}."):
+            continue
+        rest = p.name[len(target.name) + 2 :]
+        if not rest.startswith(("tmp-", "old-")):
+            continue
+        m = _TEMPORARY.match(p.name)
+        if m and m.group("name") == target.name and _alive(int(m.group("pid"))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+# Write failures that are the disk's, not a bug: full, over quota, a file-size limit, read-only.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """The reason, when ``exc`` is a write that the disk refused (safetensors reports those as its own
+    error type, with the OS error number in the message); None for anything else."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return os.strerror(exc.errno)
+    if type(exc).__name__ == "SafetensorError":
+        for code in _DISK_ERRNOS:
+            if f"(os error {code})" in str(exc):
+                return os.strerror(code)
+    return None
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target`` and rename it into place on success.
 
     On any exception the temporary directory is removed, so no half-written artifact is left behind.
+    Everything is flushed to the disk before the rename and the rename itself after it, so a power loss
+    leaves the old artifact or the new one, never a renamed directory of empty files. Temporaries that
+    killed writes of the same target left behind are removed first.
     """
     target = Path(target)
     if target.exists() and not overwrite:
         raise UserError(f"The output {target} already exists; pass --overwrite to replace it.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
-    except BaseException:
+        fsync_tree(tmp)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reason = disk_error(exc)
+        if reason is None:
+            raise
+        kept = "the previous one is unchanged" if target.exists() else "nothing was left behind"
+        raise UserError(f"Could not write {target} ({reason}); {kept}.") from None
     if target.exists():
         trash = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, trash)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+# -- manifests: what a finished artifact holds, to verify it before it is used -----------------------------
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, files: list[str] | None = None) -> dict:
+    """Write ``manifest.json``: the size and SHA-256 of ``files`` (paths relative to ``directory``; default:
+    every file under it). Write it last: an artifact whose manifest checks out is complete."""
+    directory = Path(directory)
+    if files is None:
+        files = sorted(
+            str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+        )
+    doc = {
+        "format_version": 1,
+        "files": {f: {"size": (directory / f).stat().st_size, "sha256": _sha256(directory / f)} for f in files},
+    }
+    write_text_durably(directory / MANIFEST, json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def manifest_problem(directory: Path) -> str | None:
+    """Why ``directory`` does not match its manifest (a missing, truncated or altered file), or None."""
+    directory = Path(directory)
+    f = directory / MANIFEST
+    if not f.is_file():
+        return f"{MANIFEST} is missing"
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        files = doc["files"]
+        entries = [(str(name), int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is not a valid manifest"
+    for name, size, digest in entries:
+        path = directory / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"{MANIFEST} names a file outside the directory ({name!r})"
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes instead of {size}"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import tarfile
 import urllib.error
@@ -32,6 +31,9 @@ OFFICIAL_URLS: dict[str, list[str]] = {
 }
 
 _CHUNK = 1 << 20
+# Unpacking stops past this many bytes: 100 times the archive (the official ones expand 3-4 times) and at
+# least 64 MiB, so a small archive that expands to gigabytes (a "zip bomb") is refused, not written out.
+MAX_EXPANSION_RATIO, MIN_EXPANSION_CAP = 100, 64 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _DATA_SUFFIXES = (".gz", ".json", ".jsonl", ".csv", ".tsv", ".dat", ".txt")
@@ -185,10 +187,28 @@ def safe_extract(archive: Path, target: Path) -> None:
     archive, target = Path(archive), Path(target)
     kind = archive_kind(archive) or "zip"
     target.mkdir(parents=True, exist_ok=True)
+    budget = _Budget(archive, max(MIN_EXPANSION_CAP, MAX_EXPANSION_RATIO * archive.stat().st_size))
     if kind == "zip":
-        _extract_zip(archive, target)
+        _extract_zip(archive, target, budget)
     else:
-        _extract_tar(archive, target)
+        _extract_tar(archive, target, budget)
+
+
+class _Budget:
+    """Counts the bytes written while unpacking, and refuses the archive once they pass the cap."""
+
+    def __init__(self, archive: Path, cap: int):
+        self.archive, self.cap, self.used = archive, cap, 0
+
+    def copy(self, src, out) -> None:
+        while chunk := src.read(_CHUNK):
+            self.used += len(chunk)
+            if self.used > self.cap:
+                raise UserError(
+                    f"The archive {self.archive.name} expands to more than {self.cap >> 20} MiB "
+                    f"({MAX_EXPANSION_RATIO} times its size); refusing to unpack it."
+                )
+            out.write(chunk)
 
 
 def _corrupt(archive: Path, kind: str, exc: BaseException) -> UserError:
@@ -198,7 +218,7 @@ def _corrupt(archive: Path, kind: str, exc: BaseException) -> UserError:
     )
 
 
-def _extract_zip(archive: Path, target: Path) -> None:
+def _extract_zip(archive: Path, target: Path, budget: _Budget) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             members = []
@@ -215,12 +235,12 @@ def _extract_zip(archive: Path, target: Path) -> None:
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
+                    budget.copy(src, out)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
         raise _corrupt(archive, "zip", exc) from None
 
 
-def _extract_tar(archive: Path, target: Path) -> None:
+def _extract_tar(archive: Path, target: Path, budget: _Budget) -> None:
     try:
         with tarfile.open(archive, "r:*") as tf:
             members = []
@@ -239,7 +259,7 @@ def _extract_tar(archive: Path, target: Path) -> None:
                 if src is None:
                     raise UserError(f"The archive {archive.name} member {info.name!r} cannot be read.")
                 with src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
+                    budget.copy(src, out)
     except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # a file-system error (disk full, permissions), not a bad archive

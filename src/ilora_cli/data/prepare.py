@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import check_minimums, check_range
 from ..errors import UserError
 from ..home import check_name, dataset_dir
 from .formats import FORMATS, loader
 from .prepared import write_prepared
 from .source import MIN_HISTORY
+
+MAX_DRAWS = 1000  # candidate draws per row: more only multiplies the stored table
 
 
 @dataclass
@@ -45,10 +48,14 @@ class PrepareConfig:
         check_name(self.dataset, "dataset name")
         if self.domain is not None and self.domain not in ("music", "movies", "games", "generic"):
             raise UserError(f"Unknown domain {self.domain!r}; choose music, movies, games or generic.")
-        if self.max_history < 1:
-            raise UserError("max_history must be at least 1.")
-        if self.min_history < 1:
-            raise UserError("min_history must be at least 1.")
+        check_minimums(self, {"max_history": 1, "min_history": 1, "candidates": 2, "draws": 1, "seed": 0})
+        check_range(self, "draws", high=MAX_DRAWS)
+        if self.format == "synthetic":
+            from .formats.synthetic import MAX_ITEMS, MIN_ITEMS
+
+            check_range(self, "synthetic_items", low=MIN_ITEMS, high=MAX_ITEMS)
+            check_range(self, "synthetic_users", low=10, high=10_000_000)
+            check_range(self, "synthetic_groups", low=1, high=self.synthetic_items)
 
 
 def default_name(fmt: str, input: Path | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,14 @@ _ALLOWED: set[tuple[str, str]] = {
 _RENAMED = {"numpy.core.multiarray": "numpy._core.multiarray", "numpy.core.numeric": "numpy._core.numeric"}
 
 
+class Refused(pickle.UnpicklingError):
+    """A pickle that names a global outside the allowed ones."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+            raise Refused(f"{module}.{name}"[:120])
         try:
             mod = importlib.import_module(_RENAMED.get(module, module))
         except ImportError:
@@ -69,9 +74,22 @@ def load_dataframe(path: Path):
     try:
         with open(path, "rb") as fh:
             obj = RestrictedUnpickler(fh).load()
-    except pickle.UnpicklingError as exc:
+    except Refused as exc:
         raise UserError(f"{path} was refused: it references {exc}, which a LLaRA data file never needs.") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+        ImportError,
+        struct.error,
+    ) as exc:
         raise UserError(f"{path} is not a readable pandas pickle ({type(exc).__name__}).") from None
     if not isinstance(obj, pd.DataFrame):
         raise UserError(f"{path} does not hold a pandas DataFrame.")

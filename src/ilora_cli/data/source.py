@@ -72,6 +72,8 @@ def splits_from_sequences(
     target = item t. Validation and test users give one sample: their last item after the items before it.
     """
     n_users = len(sequences)
+    # No wider than the longest history the data holds: a huge max_history must not allocate for nothing.
+    max_history = max(1, min(max_history, max((len(s) - 1 for s in sequences), default=1)))
     order = np.random.default_rng(seed).permutation(n_users)
     n_train = int(round(fractions[0] * n_users))
     n_val = int(round(fractions[1] * n_users))

@@ -24,6 +24,7 @@ from .base import SequentialEncoder
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "encoder.json"
 FORMAT_VERSION = 1
+MAX_ITEMS, MAX_HIDDEN = 100_000_000, 8192  # what an encoder.json may ask to allocate
 
 
 def build_encoder(kind: str, n_items: int, model_config: dict[str, Any]) -> SequentialEncoder:
@@ -82,13 +83,22 @@ def load_encoder(
     directory = resolve_encoder_dir(name_or_path)
     try:
         info = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{directory / CONFIG_FILE} is not valid JSON: {exc}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserError(f"{directory / CONFIG_FILE} is not valid JSON: {type(exc).__name__}.") from None
     if not isinstance(info, dict) or not {"type", "model", "n_items"} <= set(info):
         raise UserError(f"{directory / CONFIG_FILE} is not an encoder description (needs type, model, n_items).")
     if info.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise UserError(f"{directory} was written by a newer version of ilora; upgrade to load it.")
-    model = build_encoder(info["type"], int(info["n_items"]), info["model"])
+    try:
+        sizes = dict(info["model"])
+        n_items, hidden = int(info["n_items"]), int(sizes.get("hidden_size", 1))
+        if not (1 <= n_items <= MAX_ITEMS and 1 <= hidden <= MAX_HIDDEN):
+            raise ValueError(f"{n_items} items of width {hidden}")
+        model = build_encoder(info["type"], n_items, sizes)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        # a hand-edited encoder.json: sizes of the wrong type or out of range (checked before allocating)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{directory / CONFIG_FILE} does not describe a buildable encoder ({first}).") from None
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{directory} has no {WEIGHTS_FILE}.")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import console
-from ..config import check_minimums, to_dict
+from ..config import check_minimums, check_range, to_dict
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
 from ..home import atomic_directory, check_name, encoder_dir
@@ -28,6 +28,7 @@ from .evaluate import evaluate_encoder
 from .io import build_encoder, save_encoder
 
 LOSSES = ("ce", "bce")
+MAX_HIDDEN = 8192  # widest encoder accepted: an item table of that width already dwarfs every catalogue's need
 MONITORS = (
     "hr@1",
     "hr@3",
@@ -92,16 +93,15 @@ class EncodeConfig:
                 "patience": 0,
                 "max_len": 1,
                 "threads": 1,
+                "seed": 0,
             },
         )
+        check_range(self, "hidden_size", high=MAX_HIDDEN)
         if self.model == "sasrec" and self.hidden_size % self.num_heads:
             raise UserError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1); got {self.dropout}.")
-        if not self.lr > 0:
-            raise UserError(f"lr must be positive; got {self.lr}.")
-        if self.weight_decay < 0:
-            raise UserError(f"weight_decay must not be negative; got {self.weight_decay}.")
+        check_range(self, "dropout", low=0, high=1, high_open=True)
+        check_range(self, "lr", low=0, low_open=True)
+        check_range(self, "weight_decay", low=0)
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise UserError(f"device must be cpu, cuda or cuda:N; got {self.device!r}.")
 

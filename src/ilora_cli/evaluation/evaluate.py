@@ -57,6 +57,9 @@ class EvalConfig:
         for name in ("batch_size", "num_beams"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1.")
+        for name in ("draws", "max_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1; got {getattr(self, name)}.")
 
 
 def _retrieve_n(spec: str) -> int | None:
@@ -220,13 +223,35 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
     return out
 
 
+def _predictions_path(config: EvalConfig, n_runs: int, run_dir: Path, suffix: str) -> Path:
+    """One run: ``--predictions`` is the file, unless it names an existing folder; several runs: a folder."""
+    if not config.predictions:
+        return run_dir / f"predictions-{suffix}.jsonl"
+    given = Path(config.predictions)
+    if n_runs == 1 and not given.is_dir():
+        return given
+    return given / f"{run_dir.name}-{suffix}.jsonl"
+
+
+def _check_predictions_target(config: EvalConfig, n_runs: int) -> None:
+    """Refuse a predictions path that cannot be written before the evaluation starts, not after it."""
+    if not config.predictions:
+        return
+    given = Path(config.predictions)
+    folder = given if (n_runs > 1 or given.is_dir()) else given.parent
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--predictions {given} cannot be written: {parent} is a file, not a folder.")
+            break
+
+
 def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
+    """Write the predictions through a temporary of a name no other file has, renamed into place at the end."""
+    from ..home import write_text_durably
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for line in lines:
-            fh.write(json.dumps(line) + "\n")
-    tmp.replace(path)
+    write_text_durably(path, "".join(json.dumps(line) + "\n" for line in lines))
 
 
 def _line(split: SplitData, i: int, draw: int, cands, scores, gates) -> dict[str, Any]:
@@ -286,8 +311,14 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                 f"The run {d} was trained on a different dataset ({info['dataset']['name']!r}) "
                 f"than {dataset.name!r}; evaluate it on its own dataset."
             )
+    _check_predictions_target(config, len(run_dirs))
     split = load_split(config, dataset)
     retrieve = _retrieve_n(config.candidates)
+    if retrieve and retrieve > dataset.n_items - dataset.max_history:
+        raise UserError(
+            f"retrieve:{retrieve} asks for more items than the catalogue of {dataset.n_items} holds beyond a "
+            f"history of {dataset.max_history}; use at most retrieve:{max(1, dataset.n_items - dataset.max_history)}."
+        )
     protocol = (
         f"full ranking, encoder top-{retrieve} reranked" if retrieve else metrics.label(split.candidates.shape[2])
     )
@@ -298,15 +329,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         run = load_run(d, device=resolve_device(config.device))
         encoder = encoder or run.model.encoder
         suffix = f"{split.name}-{config.mode}" + (f"-retrieve{retrieve}" if retrieve else "")
-        pred = (
-            Path(config.predictions)
-            if config.predictions and len(run_dirs) == 1
-            else (
-                Path(config.predictions) / f"{d.name}-{suffix}.jsonl"
-                if config.predictions
-                else d / f"predictions-{suffix}.jsonl"
-            )
-        )
+        pred = _predictions_path(config, len(run_dirs), d, suffix)
         results[d.name] = evaluate_run(run, split, config, d.name, pred)
         del run
     if config.encoder or run_dirs:

@@ -74,33 +74,65 @@ class ItemResolver:
         raise UserError(f"Unknown title {entry!r}{hint}.")
 
 
-def read_histories(path: Path) -> tuple[list[list[Any]], bool]:
-    """A JSON list (one user) or a JSONL file (one list per line: batch mode)."""
+class BadLine:
+    """A line of a JSONL batch that is not a history: reported in its place when its turn comes."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+MAX_HISTORY_FILE = 256 << 20  # bytes: a history file is read whole
+
+
+def read_histories(path: Path) -> tuple[list[Any], bool]:
+    """A JSON list (one user) or a JSONL file (one list per line: batch mode).
+
+    In batch mode a line that is not a history becomes a :class:`BadLine` in its place, so that every
+    other line still gets its recommendations (``recommend`` reports the bad line by its number, on stdout
+    and stderr, and exits 2 at the end); a single history that is not valid is refused at once.
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"The history file {path} does not exist.")
+        what = "a folder, not a file" if path.is_dir() else "missing"
+        raise UserError(f"The history file {path} is {what}.")
+    if path.stat().st_size > MAX_HISTORY_FILE:
+        raise UserError(f"The history file {path} is larger than {MAX_HISTORY_FILE >> 20} MiB; split it.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is allowed, as in the interactions reader
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text.") from None
+    if not text.strip():
+        raise UserError(f"The history file {path} is empty.")
     try:
         doc = json.loads(text)
         users, batch = [doc], False
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a history.") from None
     except json.JSONDecodeError:
         users, batch = [], True
         for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                users.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {lineno} is not valid JSON ({exc.msg}).") from None
-    for k, u in enumerate(users):
-        if isinstance(u, dict) and "history" in u:
-            users[k] = u  # {"history": [...], "dataset": optional name the ids refer to}
-        elif not isinstance(u, list):
-            raise UserError(f"{path}: a history must be a JSON list of item ids or titles.")
+            if line.strip():
+                users.append(_history_line(line, path, lineno))
+    if not batch and _history_problem(doc) is not None:
+        raise UserError(f"{path}: {_history_problem(doc)}.")
     return users, batch
+
+
+def _history_line(line: str, path: Path, lineno: int) -> Any:
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return BadLine(f"{path} line {lineno} is not valid JSON ({exc.msg})")
+    except RecursionError:
+        return BadLine(f"{path} line {lineno} is nested too deeply to be a history")
+    problem = _history_problem(doc)
+    return doc if problem is None else BadLine(f"{path} line {lineno}: {problem}")
+
+
+def _history_problem(doc: Any) -> str | None:
+    if isinstance(doc, list) or (isinstance(doc, dict) and "history" in doc):
+        return None  # {"history": [...], "dataset": optional name the ids refer to}
+    return "a history must be a JSON list of item ids or titles"
 
 
 class Recommender:
@@ -116,8 +148,10 @@ class Recommender:
         self.fixed = None
         if config.candidates is not None:
             cands, _ = read_histories(config.candidates)
-            if len(cands) != 1:
+            if len(cands) != 1 or not isinstance(cands[0], list):
                 raise UserError("--candidates must be one JSON list of item ids or titles.")
+            if not cands[0]:
+                raise UserError("--candidates lists no items; give at least one, or leave it out to retrieve them.")
             self.fixed = [self.resolve(c) for c in cands[0]]
             if len(set(self.fixed)) != len(self.fixed):
                 raise UserError("--candidates lists an item twice.")
@@ -127,6 +161,8 @@ class Recommender:
         from .evaluate import encoder_candidate_scores
         from .llm import score_candidates
 
+        if isinstance(raw_history, BadLine):
+            raise UserError(raw_history.message + ".")
         if isinstance(raw_history, dict):
             named = raw_history.get("dataset")
             trained = self.run.info["dataset"]["name"]

@@ -57,6 +57,15 @@ class BackboneSpec:
         }
 
 
+def mixed_precision(device: str, dtype: torch.dtype) -> str:
+    """accelerate's ``mixed_precision`` for a backbone of ``dtype`` on ``device``: half-precision weights on a
+    GPU train under autocast — bf16 as it is, fp16 with a gradient scaler as well (without one, small
+    fp16 gradients underflow to zero) — while the trained weights (LoRA, projector, gate) stay in fp32."""
+    if not device.startswith("cuda"):
+        return "no"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
 def default_backbone_dir() -> Path:
     """The dequantized SmolLM2 weights (safetensors), created on first use from the packaged GGUF file."""
     target = cache_dir() / "backbones" / DEFAULT_BACKBONE
@@ -132,7 +141,55 @@ def load_backbone(spec: BackboneSpec):
         p.requires_grad_(False)
     if not spec.load_in_4bit:
         model.to(spec.device)
+    check_packed_scoring(model, str(source))
     return model, tokenizer
+
+
+def packed_scoring_error(model) -> float | None:
+    """How far packed candidate scoring is from plain forwards on a short probe (max |Δ logit|, relative to
+    the logits' scale), or None when the model cannot even run it.
+
+    Scoring packs every candidate behind the prompt with its own positions and a 4-D block mask
+    (:mod:`ilora_cli.llm.scoring`); that is right only where the model honours both ``position_ids`` and an
+    additive 4-D attention mask. The probe: a 6-token prompt and answers of 3 and 2 tokens, packed in one
+    forward against one plain forward of prompt + answer each.
+    """
+    from .model import _packed_mask
+
+    embedding = model.get_input_embeddings()
+    device, dtype = embedding.weight.device, embedding.weight.dtype
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, embedding.num_embeddings, (6,), generator=g)
+    answers = [torch.randint(0, embedding.num_embeddings, (n,), generator=g) for n in (3, 2)]
+    ids = torch.cat([prompt, *answers])[None].to(device)  # (1, 11)
+    positions = torch.cat([torch.arange(6), *(6 + torch.arange(len(a)) for a in answers)])[None].to(device)
+    block = torch.tensor([[0, 0, 0, 1, 1]], device=device)  # (1, W): the answer of each packed slot
+    mask = _packed_mask(torch.ones(1, 6, dtype=torch.bool, device=device), block, dtype)  # (1, 1, 11, 11)
+    try:
+        with torch.no_grad():
+            plain = [
+                model(input_ids=torch.cat([prompt, a])[None].to(device), use_cache=False).logits[0, 6:].float()
+                for a in answers
+            ]
+            packed = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[0]
+    except (ValueError, RuntimeError, TypeError, IndexError):
+        return None
+    got = [packed[6:9].float(), packed[9:11].float()]
+    scale = max(1.0, max(float(p.abs().max()) for p in plain))
+    return max(float((p - q).abs().max()) for p, q in zip(plain, got)) / scale
+
+
+def check_packed_scoring(model, name: str) -> None:
+    """Refuse a backbone whose packed candidate scores would differ from plain ones (see the probe)."""
+    error = packed_scoring_error(model)
+    half = model.get_input_embeddings().weight.dtype in (torch.float16, torch.bfloat16)
+    tolerance = 3e-2 if half or getattr(model, "is_loaded_in_4bit", False) else 1e-3
+    if error is None or error > tolerance:
+        found = "cannot run it" if error is None else f"scores differ by {error:.2g}"
+        raise UserError(
+            f"The backbone {name} ({type(model).__name__}) does not honour the position ids and 4-D attention "
+            f"mask that candidate scoring packs candidates with (a probe {found}), so it is not supported."
+        )
 
 
 def prepare_for_training(model, gradient_checkpointing: bool = False):

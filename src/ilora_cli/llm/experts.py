@@ -10,10 +10,12 @@ scaling α/r). The mixture is applied in the *fused* form, between A and B:
 which equals ``W x + s · Σ_k g_k B_k A_k dropout(x)`` with ``s = α/(r/K)``: the expert scaling of METHOD.md.
 With a uniform gate (g_k = 1/K) it is exactly plain LoRA of rank r; with K = 1 it is plain LoRA.
 
-The gate reaches the layers through forward hooks on every ``lora_A`` module, installed by the
-:func:`expert_gating` context manager around ``forward`` and ``generate`` and removed on exit — no
-patched library code, no module-level state. peft's own layers (plain and 4-bit) stay unchanged, so
-adapters save and load in the PEFT format.
+The gate reaches the layers through forward hooks on every ``lora_A`` module — no patched library code,
+no module-level state. An :class:`ILoraModel` installs them once (:func:`install_gate_hooks`) and they read
+the gates from a :class:`GateHolder` that its ``forward`` fills: the gates stay in force after ``forward``
+returns, so that gradient checkpointing, which runs each layer again during ``backward``, recomputes
+exactly what the forward computed. :func:`expert_gating` is the same hook as a context manager for a bare
+peft model. peft's own layers (plain and 4-bit) stay unchanged, so adapters save and load in the PEFT format.
 """
 
 from __future__ import annotations
@@ -69,6 +71,50 @@ class TokenRouters(nn.Module):
         return torch.softmax(router(x.to(router.weight.dtype)).float(), dim=-1)  # (B, T, K)
 
 
+class GateHolder:
+    """The gates of the sequences in flight, (B, K): set by the model's ``forward`` (or ``gated``) and read
+    by the layer hooks, during the forward pass and again when gradient checkpointing recomputes it.
+    ``None`` before the first forward: the layers then mix the experts uniformly (plain LoRA of rank r)."""
+
+    def __init__(self) -> None:
+        self.gate: torch.Tensor | None = None
+
+
+def _gate_hook(rank: int, holder: GateHolder):
+    def hook(module, inputs, z):
+        if holder.gate is None:
+            return None  # uniform mixture: z unchanged
+        g = expand_gate(holder.gate, rank, z.shape[0]).to(z.dtype)  # (B, 1, r)
+        return z * g  # (B, T, r)
+
+    return hook
+
+
+def _router_hook(rank: int, layer: str, token_routers: TokenRouters):
+    def hook(module, inputs, z):
+        g = token_routers.route(layer, inputs[0])  # (B, T, K)
+        return z * expand_gate(g, rank, z.shape[0]).to(z.dtype)  # (B, T, r)
+
+    return hook
+
+
+def install_gate_hooks(
+    model: nn.Module,
+    rank: int,
+    holder: GateHolder | None = None,
+    token_routers: TokenRouters | None = None,
+) -> list:
+    """Hook every LoRA layer of ``model`` for good: per-sequence gates read from ``holder``, or per-token
+    ``token_routers``. Returns the hook handles (``handle.remove()`` takes one off)."""
+    if (holder is None) == (token_routers is None):
+        raise ValueError("pass exactly one of holder and token_routers")
+    handles = []
+    for layer, lora_a in lora_a_modules(model).items():
+        hook = _gate_hook(rank, holder) if holder is not None else _router_hook(rank, layer, token_routers)
+        handles.append(lora_a.register_forward_hook(hook))
+    return handles
+
+
 @contextmanager
 def expert_gating(
     model: nn.Module,
@@ -76,24 +122,15 @@ def expert_gating(
     gate: torch.Tensor | None = None,
     token_routers: TokenRouters | None = None,
 ) -> Iterator[None]:
-    """Apply per-sequence gates (B, K) — or per-token routers — to every LoRA layer inside the block."""
+    """Apply per-sequence gates (B, K) — or per-token routers — to every LoRA layer of a bare peft model
+    inside the block (the hooks are removed on exit, so do not use it with gradient checkpointing)."""
     if (gate is None) == (token_routers is None):
         raise ValueError("pass exactly one of gate and token_routers")
-    handles = []
-    for layer, lora_a in lora_a_modules(model).items():
-        if gate is not None:
-
-            def hook(module, inputs, z, _gate=gate):
-                g = expand_gate(_gate, rank, z.shape[0]).to(z.dtype)  # (B, 1, r)
-                return z * g  # (B, T, r)
-
-        else:
-
-            def hook(module, inputs, z, _layer=layer):
-                g = token_routers.route(_layer, inputs[0])  # (B, T, K)
-                return z * expand_gate(g, rank, z.shape[0]).to(z.dtype)  # (B, T, r)
-
-        handles.append(lora_a.register_forward_hook(hook))
+    holder = None
+    if gate is not None:
+        holder = GateHolder()
+        holder.gate = gate
+    handles = install_gate_hooks(model, rank, holder, token_routers)
     try:
         yield
     finally:

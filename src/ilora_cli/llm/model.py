@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .experts import Gate, TokenRouters, expert_gating, lora_a_modules
+from .experts import Gate, GateHolder, TokenRouters, install_gate_hooks, lora_a_modules
 from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, PromptBatch
 
 
@@ -94,6 +94,12 @@ class ILoraModel(nn.Module):
             else None
         )
         self.fusion = Fusion(fusion.get("llm", 0.0), fusion.get("encoder", 1.0)) if fusion is not None else None
+        # The gate hooks stay on the LoRA layers for the model's life; forward fills the holder they read.
+        self._gates = GateHolder()
+        if self.token_routers is not None:
+            install_gate_hooks(llm, config.rank, token_routers=self.token_routers)
+        elif config.experts > 1:
+            install_gate_hooks(llm, config.rank, holder=self._gates)
         self.history_id = tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
         self.candidate_id = tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)
         self.user_id = tokenizer.convert_tokens_to_ids(USER_TOKEN)
@@ -163,15 +169,14 @@ class ILoraModel(nn.Module):
 
     @contextmanager
     def gated(self, gates: torch.Tensor):
-        """Route every LoRA layer through the experts, weighted by ``gates`` (B, K), inside the block."""
-        if self.token_routers is not None and self.config.experts > 1:
-            with expert_gating(self.llm, self.config.rank, token_routers=self.token_routers):
-                yield
-        elif self.config.experts == 1:
-            yield  # K = 1 is plain LoRA: the gate is identically 1
-        else:
-            with expert_gating(self.llm, self.config.rank, gate=gates):
-                yield
+        """Route every LoRA layer through the experts, weighted by ``gates`` (B, K), inside the block.
+
+        The gates stay in force after the block, until the next ``forward`` or ``gated``: gradient
+        checkpointing runs the layers again during ``backward`` and must see the same gates (the token
+        gate routes inside its own hooks and ignores them; with K = 1 there is nothing to mix).
+        """
+        self._gates.gate = gates
+        yield
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(
@@ -292,6 +297,8 @@ def attach_lora(base: nn.Module, config: ExpertConfig, init_lora_weights: bool |
     """Wrap a (frozen) causal LM in a peft LoRA of total rank r on the target modules."""
     from peft import LoraConfig, get_peft_model
 
+    from ..errors import UserError
+
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -300,4 +307,10 @@ def attach_lora(base: nn.Module, config: ExpertConfig, init_lora_weights: bool |
         task_type="CAUSAL_LM",
         init_lora_weights=init_lora_weights,
     )
-    return get_peft_model(base, lora)
+    try:
+        return get_peft_model(base, lora)
+    except ValueError as exc:
+        if "target" not in str(exc).lower():
+            raise
+        first = str(exc).splitlines()[0]
+        raise UserError(f"target_modules={config.target_modules!r} does not fit the backbone: {first}") from None

@@ -2,8 +2,10 @@
 
 A checkpoint directory holds ``trainable.safetensors`` (every trainable parameter by name),
 ``optimizer.safetensors`` + ``optimizer.json`` (AdamW moments and parameter groups),
-``state.json`` (step, samples consumed, scheduler state, loss) and ``rng.safetensors`` (torch RNG
-states). Directories are written atomically, so an interrupted save never leaves a broken checkpoint.
+``state.json`` (step, samples consumed, scheduler state, loss), ``rng.safetensors`` (torch RNG
+states) and, last, ``manifest.json`` (every file's size and SHA-256). Directories are written atomically
+and flushed to the disk, so an interrupted save never leaves a broken checkpoint; one damaged afterwards
+fails its manifest and is skipped for the older one that is kept.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..home import atomic_directory
+from ..home import atomic_directory, manifest_problem, write_manifest
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -62,6 +65,7 @@ def save_checkpoint(
         save_file(rng, tmp / "rng.safetensors")
         full = dict(state, scheduler=scheduler.state_dict())
         (tmp / "state.json").write_text(json.dumps(full, indent=2, default=_jsonable) + "\n")
+        write_manifest(tmp)
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -83,18 +87,35 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint that fails its manifest or cannot be read; the message says why."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Everything :func:`save_checkpoint` wrote, as tensors and dicts (nothing applied yet)."""
+    """Everything :func:`save_checkpoint` wrote, as tensors and dicts (nothing applied yet), after checking
+    it against its manifest; raises :class:`DamagedCheckpoint` for one that fails or cannot be read."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    return {
-        "trainable": load_file(path / "trainable.safetensors"),
-        "optimizer": optimizer_from_safe(
-            load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
-        ),
-        "rng": load_file(path / "rng.safetensors"),
-        "state": state,
-    }
+    if (path / "manifest.json").exists() or not (path / "state.json").is_file():
+        problem = manifest_problem(path)  # checkpoints of older versions have no manifest: read them as they are
+        if problem is not None:
+            raise DamagedCheckpoint(problem)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        ck = {
+            "trainable": load_file(path / "trainable.safetensors"),
+            "optimizer": optimizer_from_safe(
+                load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
+            ),
+            "rng": load_file(path / "rng.safetensors"),
+            "state": state,
+        }
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, SafetensorError) as exc:
+        raise DamagedCheckpoint(f"it cannot be read ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "scheduler" not in state:
+        raise DamagedCheckpoint("its state.json lacks the step or the scheduler state")
+    if "torch" not in ck["rng"]:
+        raise DamagedCheckpoint("its rng.safetensors lacks the random state")
+    return ck
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import check_minimums, to_dict
+from ..config import check_minimums, check_range, to_dict
 from ..console import err, progress
 from ..devices import check_device, resolve_device
 from ..errors import UserError
@@ -118,22 +118,27 @@ class TrainConfig:
                 "validate_every": 1,
                 "validate_rows": 1,
                 "validate_draws": 1,
+                "threads": 1,
+                "seed": 0,
             },
         )
-        if self.epochs <= 0:
-            raise UserError(f"epochs must be positive; got {self.epochs}.")
-        if not self.distill_temperature > 0:
-            raise UserError(f"distill_temperature must be positive; got {self.distill_temperature}.")
-        if not 0 <= self.hard_negatives <= 1:
-            raise UserError(f"hard_negatives is a fraction of the negatives, from 0 to 1; got {self.hard_negatives}.")
-        if not self.fusion_lr >= 0:
-            raise UserError(f"fusion_lr must be at least 0; got {self.fusion_lr}.")
+        self._check_ranges()
         if self.validate_at is not None and any(x < 1 for x in self.validate_at):
             raise UserError(f"validate_at lists optimisation steps, from 1; got {self.validate_at}.")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one.")
         if self.name is not None:
             check_name(self.name, "run name")
+
+    def _check_ranges(self) -> None:
+        """Every number where it makes sense (NaN and infinities nowhere): one sentence for the first that does not."""
+        for name in ("lr", "alpha", "epochs", "max_grad_norm", "distill_temperature"):
+            check_range(self, name, low=0, low_open=True)
+        for name in ("projector_lr", "gate_lr", "fusion_lr", "weight_decay", "distill_weight"):
+            check_range(self, name, low=0)
+        for name in ("warmup_ratio", "min_lr_ratio", "hard_negatives"):
+            check_range(self, name, low=0, high=1)
+        check_range(self, "lora_dropout", low=0, high=1, high_open=True)
 
     def _resolve_objective_defaults(self) -> None:
         """Fill in the settings whose default depends on the objective; refuse rank-only settings with generate."""
@@ -229,23 +234,42 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
         run_dir, config = self.run_dir, self.config
+        self.final_dir = run_dir  # where the finished run goes; self.run_dir is where it is written meanwhile
+        self.fresh_start = not config.resume
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"The run directory {run_dir} is a file, not a folder; pass another --output or --name.")
         if config.resume:
             if not (run_dir / "config.yaml").is_file():
-                raise UserError(f"There is no run to resume in {run_dir}.")
-        elif run_dir.exists() and any(run_dir.iterdir()) and not config.overwrite:
-            raise UserError(f"The run directory {run_dir} already exists; pass --resume or --overwrite.")
+                raise UserError(
+                    f"There is no run to resume in {run_dir}; start it without --resume "
+                    "(with --overwrite if the folder exists)."
+                )
+        elif run_dir.exists() and any(run_dir.iterdir()):
+            if not config.overwrite:
+                raise UserError(
+                    f"The run directory {run_dir} already exists; pass --resume to continue it "
+                    "or --overwrite to replace it."
+                )
+            if (run_dir / "ilora.json").is_file():
+                # A finished run is replaced only once the new one is finished: train beside it meanwhile.
+                if config.stop_after is not None:
+                    raise UserError(
+                        f"--stop-after would leave an unfinished run, which cannot replace the finished one in "
+                        f"{run_dir}; pass another --name."
+                    )
+                self.run_dir = run_dir.with_name(f".{run_dir.name}.tmp-overwrite")
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from ..llm.backbone import BackboneSpec
+        from ..llm.backbone import BackboneSpec, mixed_precision
 
         config = self.config
         device = resolve_device(config.device)
         self.spec = BackboneSpec(config.backbone, config.dtype, config.load_in_4bit, device)
         self.spec.validate()
-        mixed = "bf16" if device.startswith("cuda") and self.spec.torch_dtype() == torch.bfloat16 else "no"
+        mixed = mixed_precision(device, self.spec.torch_dtype())
         self.accelerator = Accelerator(
             cpu=not device.startswith("cuda"), mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum
         )
@@ -343,30 +367,66 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        from .checkpoint import list_checkpoints, load_checkpoint, restore_rng
+        """Load the newest intact checkpoint (a damaged one is skipped, saying so); none at all: start afresh."""
+        from .checkpoint import DamagedCheckpoint, list_checkpoints, load_checkpoint
 
         ckpts = list_checkpoints(self.run_dir / "checkpoints")
         if not ckpts:
-            raise UserError(f"{self.run_dir} has no checkpoint to resume from.")
-        ck = load_checkpoint(ckpts[-1])
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        if set(names) - set(ck["trainable"]):
-            raise UserError(f"The checkpoint {ckpts[-1]} does not match this configuration (missing weights).")
+            self.fresh_start = True
+            if self.main:
+                err.print(f"{self.run_dir} has no checkpoint yet (it stopped before the first): starting it afresh.")
+            return
+        damaged = []
+        for path in reversed(ckpts):
+            try:
+                ck = load_checkpoint(path)
+                break
+            except DamagedCheckpoint as exc:
+                damaged.append(f"{path.name}: {exc}")
+        else:
+            raise UserError(
+                f"No checkpoint in {self.run_dir / 'checkpoints'} is intact ({'; '.join(damaged)}); "
+                "start the run again with --overwrite."
+            )
+        if damaged and self.main:
+            err.print(f"[yellow]warning:[/] skipped a damaged checkpoint ({damaged[0]}); resuming from {path.name}.")
+        self._apply_checkpoint(ck, path)
+
+    def _apply_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
+        from .checkpoint import restore_rng
+
         params = dict(self.model.named_parameters())
+        names = [n for n, p in params.items() if p.requires_grad]
+        for n in names:
+            saved = ck["trainable"].get(n)
+            if saved is None or saved.shape != params[n].shape:
+                found = "no such weight" if saved is None else f"shape {tuple(saved.shape)}"
+                raise UserError(
+                    f"The checkpoint {path} does not match this configuration: it has {found} for {n} "
+                    f"(expected {tuple(params[n].shape)})."
+                )
         with torch.no_grad():
             for n in names:
                 params[n].copy_(ck["trainable"][n])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["state"]["scheduler"])
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["state"]["scheduler"])
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"The optimizer state in {path} does not match this configuration ({first}).") from None
         restore_rng(ck["rng"])
         self.step_count = int(ck["state"]["step"])
         self.losses = list(ck["state"].get("losses", []))
-        self.resumed_from = str(ckpts[-1])
+        self.scaler_state = ck["state"].get("scaler")
+        self.resumed_from = str(path)
 
     def _init_run_dir(self) -> None:
+        from ..home import clean_stale_temporaries
+
         config, run_dir = self.config, self.run_dir
         if self.main:
-            if not config.resume:
+            clean_stale_temporaries(self.final_dir)  # what killed runs and overwrites left beside it
+            if self.fresh_start:
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 (run_dir / "logs").mkdir(parents=True)
@@ -376,6 +436,9 @@ class Trainer:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         self.accelerator.wait_for_everyone()
         self.log_file = run_dir / "logs" / "train.jsonl"
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and getattr(self, "scaler_state", None):
+            scaler.load_state_dict(self.scaler_state)
         if self.main and self.resumed_from:
             for log in (self.log_file, run_dir / "logs" / "validation.jsonl"):
                 _truncate_log(log, self.step_count)  # steps logged after the checkpoint are run again
@@ -478,6 +541,7 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 step_loss, terms = self.step()
+                self._check_finite(step_loss)
                 self.losses.append(step_loss)
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
@@ -509,6 +573,19 @@ class Trainer:
             tb.close()
         self.accelerator.end_training()
         return summary
+
+    def _check_finite(self, loss: float) -> None:
+        """Stop at a NaN or infinite loss: the weights are ruined, the last checkpoint is not."""
+        if math.isfinite(loss):
+            return
+        from .checkpoint import list_checkpoints
+
+        kept = list_checkpoints(self.run_dir / "checkpoints")
+        where = f"the last good checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint had been written yet"
+        raise UserError(
+            f"The training loss became {loss} at step {self.step_count}, so training stopped ({where}); "
+            "lower lr or alpha, or check the other settings."
+        )
 
     def _log(self, step, loss, terms, lr, sps, seconds, tb) -> None:
         record = {
@@ -600,6 +677,9 @@ class Trainer:
         if self.main:
             trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
             state = {"step": self.step_count, "total_steps": self.total_steps, "losses": self.losses}
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None:  # fp16: the gradient scaler's scale, for an exact resume
+                state["scaler"] = {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
             save_checkpoint(self.run_dir / "checkpoints", trainable, self.optimizer, self.scheduler, state)
 
     def save(self, train_seconds: float, done_samples: int) -> dict[str, Any]:
@@ -612,7 +692,7 @@ class Trainer:
         rank_ = self.accelerator.process_index
         (self.run_dir / "logs" / f"weights-rank{rank_}.sha256").write_text(digest + "\n")
         summary = {
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.final_dir),
             "steps": self.step_count,
             "total_steps": self.total_steps,
             "complete": finished,
@@ -629,7 +709,13 @@ class Trainer:
             summary["fusion"] = self.unwrapped.fusion.weights()
         if self.main and finished:
             write_final(self.run_dir, self.unwrapped, self.run_info(summary))
-            err.print(f"Saved the run to {self.run_dir}.")
+        self.accelerator.wait_for_everyone()
+        if self.main and finished:
+            if self.run_dir != self.final_dir:
+                from .run import replace_run
+
+                replace_run(self.run_dir, self.final_dir)  # the finished run replaces the old one only now
+            err.print(f"Saved the run to {self.final_dir}.")
         elif self.main:
             err.print(f"Stopped after step {self.step_count} of {self.total_steps}; continue with --resume.")
         return summary
@@ -698,7 +784,13 @@ def _truncate_log(log_file: Path, step: int) -> None:
     """Keep the log records up to ``step``, written atomically."""
     if not log_file.is_file():
         return
-    kept = [x for x in log_file.read_text(encoding="utf-8").splitlines() if x and json.loads(x)["step"] <= step]
+    kept = []
+    for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # the half-written last line of a killed process
     tmp = log_file.with_suffix(".tmp")
     tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
     tmp.replace(log_file)

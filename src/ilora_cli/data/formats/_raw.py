@@ -111,11 +111,18 @@ def open_text(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
         raise UserError(f"{path.name} is not a readable gzip file ({exc}).") from None
 
 
+INT64_MAX = 2**63 - 1
+
+
 def parse_int(value: str, what: str, path: Path, lineno: int) -> int:
+    """An integer that fits the int64 tables it is stored in (ids, timestamps)."""
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise UserError(f"{path.name} line {lineno}: the {what} {value!r} is not an integer.") from None
+    if not -INT64_MAX <= number <= INT64_MAX:
+        raise UserError(f"{path.name} line {lineno}: the {what} {value[:40]!r} is out of range.")
+    return number
 
 
 def id_sort_key(value: str) -> tuple[int, int, str]:

@@ -13,6 +13,7 @@ import csv
 import datetime
 import io
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +85,8 @@ def read_table(
             missing = [r for r in roles if names[r] is None]
             if missing:
                 raise UserError(
-                    f"{path.name} has no {' or '.join(ALIASES[missing[0]])} field (found: {', '.join(row) or 'none'})."
+                    f"{path.name} has no {' or '.join(ALIASES[missing[0]])} field "
+                    f"(found: {', '.join(repr(k)[:40] for k in row) or 'none'})."
                 )
         out = {k: v for k, v in row.items() if k not in {n for n in names.values() if n}}
         for role, name in names.items():
@@ -102,8 +104,8 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
             continue
         try:
             row = json.loads(line)
-        except ValueError:
-            raise UserError(f"{path.name} line {lineno} is not a JSON object.") from None
+        except (ValueError, RecursionError):
+            raise UserError(f"{path.name} line {lineno} is not a JSON object (or is nested too deeply).") from None
         if not isinstance(row, dict):
             raise UserError(f"{path.name} line {lineno} is not a JSON object.")
         yield lineno, row
@@ -120,7 +122,7 @@ def _csv_rows(path: Path, text: str, roles: tuple[str, ...]) -> Iterator[tuple[i
         raise UserError(f"{path.name} needs a header row with the columns {wanted}; its first line is {header[:80]!r}.")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     columns: list[str] | None = None
-    for row in reader:
+    for row in _checked(reader, path):
         if not any(cell.strip() for cell in row):
             continue
         if columns is None:
@@ -131,6 +133,18 @@ def _csv_rows(path: Path, text: str, roles: tuple[str, ...]) -> Iterator[tuple[i
         yield reader.line_num, {c: v.strip() for c, v in zip(columns, row, strict=True)}
 
 
+def _checked(reader, path: Path) -> Iterator[list[str]]:
+    """The CSV reader's rows, its errors (an over-long field, a stray quote) as one sentence."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise UserError(f"{path.name} line {reader.line_num} is not valid CSV ({exc}).") from None
+        yield row
+
+
 def _id(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -138,19 +152,22 @@ def _id(value: Any) -> str:
 
 
 def _time(value: Any, path: Path, lineno: int) -> float:
-    """A timestamp as seconds: a number, or an ISO 8601 date/time (naive ones taken as UTC)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    """A timestamp as seconds: a finite number, or an ISO 8601 date/time (naive ones taken as UTC)."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     text = str(value).strip()
     try:
-        return float(text)
-    except ValueError:
-        pass
+        seconds = float(value if numeric else text)
+    except (ValueError, OverflowError):
+        seconds = None
+    if seconds is not None:
+        if not math.isfinite(seconds):
+            raise UserError(f"{path.name} line {lineno}: the timestamp {text[:40]!r} is not a finite number.")
+        return seconds
     try:
         moment = datetime.datetime.fromisoformat(text)
     except ValueError:
         raise UserError(
-            f"{path.name} line {lineno}: the timestamp {text!r} is neither a number nor an ISO date."
+            f"{path.name} line {lineno}: the timestamp {text[:40]!r} is neither a number nor an ISO date."
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)

@@ -23,7 +23,7 @@ SPLIT_FILES = {"train": "train_data.df", "val": "val_data.df", "test": "test_dat
 def _find(directory: Path, filename: str) -> Path | None:
     """Case-insensitive lookup (the published files are ``Val_data.df``, ``Test_data.df``)."""
     for p in directory.iterdir():
-        if p.name.lower() == filename:
+        if p.name.lower() == filename and p.is_file():
             return p
     return None
 
@@ -50,10 +50,10 @@ def _read_id2name(path: Path) -> list[str]:
             raise UserError(f"{path} line {lineno} has a non-integer id {raw_id!r}.") from None
     if not names:
         raise UserError(f"{path} lists no items.")
-    n = max(names) + 1
-    missing = [i for i in range(n) if i not in names]
-    if missing or min(names) < 0:
-        raise UserError(f"{path} does not list every id from 0 to {n - 1} (missing {missing[:3]}).")
+    n = len(names)
+    if min(names) != 0 or max(names) != n - 1:  # n distinct ids fill 0..n-1 exactly when these two hold
+        missing = next(i for i in range(n + 1) if i not in names)  # at most n + 1 lookups, whatever the ids
+        raise UserError(f"{path} does not list every id from 0 to {max(names)} (id {missing} is missing).")
     return [clean_title(names[i]) for i in range(n)]
 
 
@@ -70,6 +70,8 @@ def _read_u_item(path: Path) -> tuple[list[str], list[str | None]]:
             titles[int(fields[0]) - 1] = movie_title(fields[1])
         except ValueError:
             raise UserError(f"{path} line {lineno} has a non-integer id {fields[0]!r}.") from None
+    if not titles:
+        raise UserError(f"{path} lists no movies.")
     n = max(titles) + 1
     if len(titles) != n:
         raise UserError(f"{path} does not list every movie id from 1 to {n}.")
@@ -92,14 +94,17 @@ def _rows(df, path: Path, max_history: int) -> Rows:
         seqs = [[_as_id(x) for x in s] for s in df["seq"]]
         nxt = np.array([_as_id(x) for x in df["next"]], dtype=np.int64)
         lens = np.array([int(x) for x in df["len_seq"]], dtype=np.int64)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         raise UserError(f"{path} has entries that are not item ids.") from None
     width = max((len(s) for s in seqs), default=max_history)
     seq = np.empty((n, width), dtype=np.int64)
     for i, s in enumerate(seqs):
         if len(s) != width:
             raise UserError(f"{path} row {i} has {len(s)} history slots; the others have {width}.")
-        seq[i] = s
+        try:
+            seq[i] = s
+        except OverflowError:
+            raise UserError(f"{path} row {i} has an item id out of range.") from None
     return Rows(seq, lens, nxt)
 
 
@@ -138,4 +143,10 @@ def load(config) -> SourceData:
             continue
         source["files"][path.name] = _sha256(path)
         splits[split] = _rows(load_dataframe(path), path, config.max_history)
+        width, train_width = splits[split].seq.shape[1], splits["train"].seq.shape[1]
+        if width != train_width:
+            raise UserError(
+                f"{path.name} has histories of {width} slots but {present['train'].name} of {train_width}; "
+                "the splits must come from the same processing."
+            )
     return SourceData(titles=titles, splits=splits, domain=domain, title_hints=hints, source=source, notes=notes)

@@ -44,10 +44,10 @@ def parse_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
     """One record: a Python dict literal, or JSON as a fallback."""
     try:
         record = ast.literal_eval(line)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UserError(f"{path.name} line {lineno} is neither a Python dict literal nor JSON.") from None
     if not isinstance(record, dict):
         raise UserError(f"{path.name} line {lineno} is not a dict (one record per line is expected).")

@@ -22,6 +22,9 @@ _NOUNS = (
     "Comet Island Chorus Bridge Desert Archive Circus Empire Falcon Glacier Horizon Jungle Kingdom"
 ).split()
 
+MIN_ITEMS = 20  # a history window holds 10 distinct items: fewer items would leave no next item to draw
+MAX_ITEMS = len(_ADJECTIVES) * len(_NOUNS)  # one distinct two-word title per item
+
 # transition probabilities: next item of the group's cycle, the one after it, a uniformly random item
 P_STEP, P_SKIP = 0.75, 0.15
 

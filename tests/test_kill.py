@@ -1,0 +1,168 @@
+"""Faults: ``prepare``, ``encode`` and ``train`` killed with SIGKILL at random moments (a fixed seed).
+
+After every kill the artifact is absent or complete and verified (no damaged checkpoint, no half-written
+dataset or encoder); a re-run (``--resume`` for training) succeeds; and the final result equals an
+uninterrupted run: the dataset checksum, the encoder's tensors, the run's weights digest. Also: the same
+seed and inputs give identical metrics and weights on CPU (determinism).
+
+By default each command is killed once; ILORA_KILL_LOOPS=N kills each N times (the long loop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+LOOPS = int(os.environ.get("ILORA_KILL_LOOPS", "1"))
+RNG = np.random.default_rng(20261128)
+TRAIN = ["--max-steps", "4", "--batch-size", "4", "candidates=6", "checkpoint_every=1", "quiet=true", "--seed", "5"]
+
+
+def _start(args: list[str], home: Path) -> subprocess.Popen:
+    env = dict(os.environ, ILORA_HOME=str(home), TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen(
+        [sys.executable, "-m", "ilora_cli.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _run(args: list[str], home: Path) -> dict:
+    proc = _start([*args, "--json"], home)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
+def _kill_at_random(args: list[str], home: Path, window: tuple[float, float]) -> float:
+    """Start the command, SIGKILL it after a random delay within ``window`` seconds; returns the delay."""
+    delay = float(RNG.uniform(*window))
+    proc = _start(args, home)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    return delay
+
+
+def _kill_during_write(args: list[str], home: Path, folder: Path, prefix: str) -> bool:
+    """Start the command and SIGKILL it as soon as a temporary ``prefix*`` appears in ``folder`` (a write in
+    progress); returns whether it was caught writing (False: it finished first)."""
+    proc = _start(args, home)
+    caught = False
+    while proc.poll() is None:
+        if folder.is_dir() and any(p.name.startswith(prefix) for p in folder.iterdir()):
+            proc.send_signal(signal.SIGKILL)
+            caught = True
+            break
+        time.sleep(0.005)
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    return caught
+
+
+def _no_temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name] if folder.is_dir() else []
+
+
+@pytest.fixture
+def home(tiny_world, tmp_path):
+    """A fresh $ILORA_HOME holding the tiny world's dataset and backbone (runs and encoders start empty)."""
+    import shutil
+
+    h = tmp_path / "home"
+    shutil.copytree(tiny_world / "datasets", h / "datasets")
+    shutil.copytree(tiny_world / "encoders", h / "encoders")
+    return h
+
+
+def test_prepare_killed_at_random_moments(home):
+    from ilora_cli.data.prepared import PreparedDataset
+
+    args = ["prepare", "--dataset", "k", "synthetic_users=300", "--overwrite"]
+    want = _run(args, home)["checksum"]
+    target = home / "datasets" / "k"
+    assert _kill_during_write(args, home, home / "datasets", ".k.tmp-")
+    for attempt in range(LOOPS + 1):
+        if attempt:
+            _kill_at_random(args, home, (1.0, 8.0))
+        if target.exists():  # complete and verified, never half-written
+            ds = PreparedDataset.open(target)
+            assert ds.checksum == want and len(ds.split("val")) == ds.meta["splits"]["val"]
+        assert _run(args, home)["checksum"] == want
+        assert _no_temporaries(home / "datasets") == []
+
+
+def test_encode_killed_at_random_moments(home, monkeypatch):
+    from ilora_cli.encoders.io import load_encoder
+    from ilora_cli.encoders.train import EncodeConfig, encode
+
+    args = ["encode", "--dataset", "cyc", "--name", "k", "hidden_size=16", "--epochs", "3", "--overwrite"]
+    monkeypatch.setenv("ILORA_HOME", str(home))
+    first = encode(EncodeConfig(dataset="cyc", name="k", hidden_size=16, epochs=3, quiet=True))  # in this process
+    want = load_file(str(home / "encoders" / "k" / "encoder.safetensors"))
+    assert _kill_during_write(args, home, home / "encoders", ".k.tmp-")
+    for attempt in range(LOOPS + 1):
+        if attempt:
+            _kill_at_random(args, home, (1.0, 8.0))
+        if (home / "encoders" / "k").exists():
+            model, _ = load_encoder(home / "encoders" / "k")
+            assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+        again = _run(args, home)
+        assert again["metrics"] == json.loads(json.dumps(first["metrics"]))  # deterministic on CPU: the metrics ...
+        got = load_file(str(home / "encoders" / "k" / "encoder.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # ... and tensors
+        assert _no_temporaries(home / "encoders") == []
+
+
+def test_train_killed_at_random_moments_resumes_to_the_same_weights(home, tiny_world, monkeypatch):
+    from ilora_cli.training.checkpoint import list_checkpoints, load_checkpoint
+    from ilora_cli.training.loop import TrainConfig, train
+    from ilora_cli.training.run import load_run
+
+    base = ["train", "--dataset", "cyc", "--backbone", str(tiny_world / "tiny-backbone"), *TRAIN]
+    monkeypatch.setenv("ILORA_HOME", str(home))
+    whole = dict(name="whole", max_steps=4, batch_size=4, candidates=6, checkpoint_every=1, quiet=True, seed=5)
+    want = train(TrainConfig(dataset="cyc", backbone=str(tiny_world / "tiny-backbone"), **whole))["weights_sha256"]
+    run = home / "runs" / "k"
+    args = [*base, "--name", "k"]
+    assert _kill_during_write(args, home, run / "checkpoints", ".step-000002.tmp-")
+    for i in range(LOOPS + 1):
+        delay = _kill_at_random([*args, "--overwrite"], home, (2.0, 14.0)) if i else 0.0
+        for ck in list_checkpoints(run / "checkpoints"):
+            load_checkpoint(ck)  # every checkpoint on disk is intact (raises DamagedCheckpoint otherwise)
+        if (run / "manifest.json").exists():
+            load_run(run)  # a finished run is complete and verified
+        again = "--resume" if (run / "config.yaml").is_file() else "--overwrite"
+        result = _run([*args, again], home)
+        assert result["complete"] and result["weights_sha256"] == want, (delay, again)
+        assert _no_temporaries(home / "runs") == []
+
+
+def test_train_is_deterministic_on_cpu(home, tiny_world, monkeypatch):
+    from ilora_cli.training.loop import TrainConfig, train
+
+    monkeypatch.setenv("ILORA_HOME", str(home))
+    cfg = dict(dataset="cyc", backbone=str(tiny_world / "tiny-backbone"), batch_size=4, candidates=6, quiet=True)
+    a = train(TrainConfig(name="d1", max_steps=3, lora_dropout=0.1, **cfg))
+    b = train(TrainConfig(name="d2", max_steps=3, lora_dropout=0.1, **cfg))
+    assert a["weights_sha256"] == b["weights_sha256"] and a["final_loss"] == b["final_loss"]
+    la = [json.loads(x)["loss"] for x in (home / "runs" / "d1" / "logs" / "train.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (home / "runs" / "d2" / "logs" / "train.jsonl").read_text().splitlines()]
+    assert la == lb

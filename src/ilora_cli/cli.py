@@ -348,6 +348,9 @@ def eval_(
     result = evaluate(cfg)
     title = f"{result['split']} ({result['n_rows']} rows, {result['mode']} mode)"
     metrics_table(title, eval_rows(result["results"]), result["protocol"])
+    from .card import record_results
+
+    record_results(cfg.runs, result)
     if plot is not None:
         from .console import err
         from .plots import metrics_bars
@@ -357,6 +360,36 @@ def eval_(
     if json:
         from .console import print_json
 
+        print_json(result)
+
+
+@app.command(cls=command_class("export"))
+def export(
+    run: Annotated[str | None, typer.Option("--run", help="Run directory or name.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Directory to write the copy to.")] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="K = 1 only: also save the backbone with the LoRA merged in (merged/).")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+    json: JsonOpt = False,
+    overrides: Overrides = None,
+) -> None:
+    """Copy a finished run into a self-contained directory (adapter, projector, gate, encoder, titles, card)."""
+    from .config import resolve
+    from .console import err, print_json
+    from .exporting import ExportConfig
+    from .exporting import export as run_export
+
+    cfg = resolve(
+        ExportConfig, config, dict(run=run, output=output, merge=_flag(merge), overwrite=_flag(overwrite)), overrides
+    )
+    if print_config:
+        _print_config(cfg)
+    result = run_export(cfg)
+    err.print(f"Exported {result['run']} to {result['output']} ({len(result['files'])} files).", highlight=False)
+    if json:
         print_json(result)
 
 

@@ -28,6 +28,7 @@ CONFIGS = {
     "train": "ilora_cli.training.loop:TrainConfig",
     "eval": "ilora_cli.evaluation.evaluate:EvalConfig",
     "recommend": "ilora_cli.evaluation.recommend:RecommendConfig",
+    "export": "ilora_cli.exporting:ExportConfig",
 }
 
 _UNRESOLVED = object()

@@ -524,7 +524,10 @@ class Trainer:
             self._load_best()
         summary = self.save(train_seconds, done_samples)
         if self.main and summary["complete"]:
+            from ..card import write_card
+
             self._pictures()
+            write_card(self.run_dir)
         self.accelerator.end_training()
         return summary
 
@@ -769,6 +772,9 @@ class Trainer:
         if self.kept is not None:
             summary["kept"] = self.kept  # --keep-best: which step's weights the run directory holds
         if self.main and finished:
+            # The adapter names its backbone as the user gave it (the built-in one by its name), not a cache path.
+            for peft_config in self.unwrapped.llm.peft_config.values():
+                peft_config.base_model_name_or_path = self.spec.describe()["name"]
             write_final(self.run_dir, self.unwrapped, self.run_info(summary))
             err.print(f"Saved the run to {self.run_dir}.")
         elif self.main:

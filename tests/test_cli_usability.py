@@ -135,3 +135,29 @@ def test_logs_are_plain_lines_without_third_party_noise(tiny_world, tmp_path):
         assert noise not in tr.stderr, noise
     assert json.loads(tr.stdout)["steps"] == 3
     assert "Pictures: plots/loss.png, plots/gates.png." in tr.stderr
+
+
+def test_every_example_config_states_its_command_and_resolves():
+    """Each examples/*.yaml names, in its first lines, the exact command that runs it, and that command's
+    settings accept it (accelerate's own config file is checked by its keys)."""
+    import importlib
+    from pathlib import Path
+
+    from ilora_cli.config import resolve
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    checked = 0
+    for path in sorted(examples.glob("*.yaml")):
+        header = "\n".join(line for line in path.read_text().splitlines()[:8] if line.startswith("#"))
+        assert "Run with:" in header or "run with:" in header.lower(), path.name
+        m = re.search(
+            rf"(?:ilora|-m ilora_cli\.cli) (\w+)(?:(?!ilora)[^\n])*--config examples/{re.escape(path.name)}", header
+        )
+        if m is None:  # an accelerate config: launched with --config_file
+            assert f"accelerate launch --config_file examples/{path.name}" in header, path.name
+            assert yaml.safe_load(path.read_text())["distributed_type"] == "MULTI_GPU"
+            continue
+        module, cls = CONFIGS[m.group(1)].split(":")
+        resolve(getattr(importlib.import_module(module), cls), path)
+        checked += 1
+    assert checked >= 6

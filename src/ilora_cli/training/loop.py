@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -133,6 +134,8 @@ class TrainConfig:
             raise UserError(f"fusion_lr must be at least 0; got {self.fusion_lr}.")
         if self.validate_at is not None and any(x < 1 for x in self.validate_at):
             raise UserError(f"validate_at lists optimisation steps, from 1; got {self.validate_at}.")
+        if self.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--load-in-4bit needs bitsandbytes: pip install 'ilora[4bit]'.")
         if self.report_to not in REPORT_TO:
             raise UserError(f"report_to must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}.")
         if self.keep_best and not (self.validate_every or self.validate_at):

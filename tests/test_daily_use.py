@@ -125,3 +125,45 @@ def test_report_to_tensorboard_writes_event_files(world):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "val/fused_mrr", "val/llm_hr@1"} <= tags
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
+def test_kmeans_separates_clear_clusters_deterministically():
+    from ilora_cli.plots import kmeans
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = np.concatenate([c + rng.normal(0, 0.5, (20, 2)) for c in centres])  # (60, 2)
+    labels = kmeans(x, 3, seed=1)
+    assert np.array_equal(labels, kmeans(x, 3, seed=1))
+    for block in range(3):  # each true cluster is one label, and the three labels differ
+        assert len(set(labels[block * 20 : (block + 1) * 20])) == 1
+    assert len(set(labels)) == 3
+
+
+def test_synthetic_groups_are_recovered_for_every_val_row(ilora_home):
+    from ilora_cli.data.prepare import PrepareConfig, prepare
+    from ilora_cli.data.prepared import PreparedDataset
+    from ilora_cli.plots import synthetic_groups, user_groups
+
+    cfg = PrepareConfig(format="synthetic", synthetic_users=80, synthetic_items=40, synthetic_groups=3)
+    cfg.validate()
+    prepare(cfg)
+    ds = PreparedDataset.open("synthetic")
+    val = ds.split("val")
+    groups = synthetic_groups(ds.meta, val.histories(), val.next)
+    assert groups is not None and len(groups) == len(val) and set(groups) <= {0, 1, 2}
+    # A row that the generator did not produce is not matched: the caller falls back to k-means.
+    assert synthetic_groups(ds.meta, [*val.histories()[:3], [-1]], np.array([*val.next[:3], 0])) is None
+    labels, kind = user_groups({"source": {"format": "llara"}}, [], [], np.eye(30), seed=0)
+    assert kind == "k-means cluster" and len(labels) == 30
+
+
+def test_eval_bar_chart_is_a_png_with_error_bars(tmp_path):
+    from ilora_cli.plots import metrics_bars
+
+    rows = {
+        "run (fused)": {"hr@1": {"mean": 0.3, "std": 0.02, "n_draws": 5}, "mrr": {"mean": 0.5, "std": 0.01}},
+        "encoder": {"hr@1": {"mean": 0.25, "std": 0.03, "n_draws": 5}, "mrr": {"mean": 0.45, "std": 0.02}},
+    }
+    path = metrics_bars(rows, tmp_path / "chart.png", title="val")
+    assert path.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*.tmp"))

@@ -117,7 +117,7 @@ def metrics_bars(
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(n, 3), frameon=False)
     return _save(fig, path)
 
 

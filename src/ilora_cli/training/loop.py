@@ -504,7 +504,7 @@ class Trainer:
                 bar.update(
                     task,
                     completed=step,
-                    info=f"epoch {step / self.steps_per_epoch:.2f}  loss {step_loss:.4f}  lr {lr_now:.2e}  "
+                    info=f"epoch {step / self.steps_per_epoch:.4f}  loss {step_loss:.4f}  lr {lr_now:.2e}  "
                     f"{sps:.2f} samples/s",
                 )
                 if main and not estimate_printed and (done_samples >= 2 * self.per_step or step == self.total_steps):
@@ -618,7 +618,9 @@ class Trainer:
         doc = {
             "groups": kind,
             "rows": n,
-            "mean_gate": {str(g): gate_rows[groups == g].mean(0).round(6).tolist() for g in np.unique(groups)},
+            "mean_gate": {
+                str(g): [round(float(x), 5) for x in gate_rows[groups == g].mean(0)] for g in np.unique(groups)
+            },
             "size": {str(g): int((groups == g).sum()) for g in np.unique(groups)},
         }
         (path.parent / "gates.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -5,6 +5,7 @@
 set -euo pipefail
 ILORA=${ILORA:-ilora}
 here=$(cd "$(dirname "$0")" && pwd)
+home=${ILORA_HOME:-$HOME/.ilora}
 
 echo "== 1/5 prepare: the built-in synthetic dataset (heterogeneous users) =="
 "$ILORA" prepare --dataset synthetic --format synthetic --overwrite
@@ -16,9 +17,10 @@ echo "== 3/5 train: iLoRA (4 experts, user gate) on a small CPU budget =="
 "$ILORA" train --config "$here/train_synthetic_cpu.yaml" --overwrite
 
 echo "== 4/5 eval: the run and the encoder alone, on the same candidates =="
-"$ILORA" eval --run synthetic-demo --encoder --max-samples 24 draws=1
+"$ILORA" eval --run synthetic-demo --encoder --max-samples 24 draws=1 --plot "$home/runs/synthetic-demo/plots/eval.png"
 
 echo "== 5/5 recommend: one user's history (titles or ids) =="
 "$ILORA" recommend --run synthetic-demo --user-history "$here/history_synthetic.json" --top-k 5
 
-echo "Done. Artifacts are in ${ILORA_HOME:-~/.ilora}."
+echo "Done. Artifacts are in $home; the run's card is $home/runs/synthetic-demo/README.md and its pictures are"
+ls "$home/runs/synthetic-demo/plots/"*.png

@@ -12,6 +12,7 @@ import typer
 
 from . import __version__
 from .errors import UserError
+from .settings import command_class, complete_overrides
 
 app = typer.Typer(
     name="ilora",
@@ -21,7 +22,7 @@ app = typer.Typer(
         "Artifacts live by name under $ILORA_HOME (default ~/.ilora)."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -38,8 +39,22 @@ OutputOpt = Annotated[
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact.")]
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="Extra settings as key=value (e.g. lr=1e-3); unknown keys are refused.", show_default=False),
+    typer.Argument(
+        help="Any setting as key=value (e.g. lr=1e-3; all are listed below); unknown keys are refused.",
+        show_default=False,
+        autocompletion=complete_overrides,
+    ),
 ]
+PrintConfigOpt = Annotated[
+    bool, typer.Option("--print-config", help="Print the resolved settings as YAML (a --config file) and exit.")
+]
+
+
+def _print_config(config) -> None:
+    from .settings import dump_config
+
+    sys.stdout.write(dump_config(config))
+    raise typer.Exit(0)
 
 
 def _flag(value: bool) -> bool | None:
@@ -56,7 +71,7 @@ def _root(
         raise typer.Exit(0)
 
 
-@app.command(no_args_is_help=False)
+@app.command(no_args_is_help=False, cls=command_class("prepare"))
 def prepare(
     dataset: Annotated[str | None, typer.Option(help="Name to store the prepared dataset under.")] = None,
     format: Annotated[
@@ -83,6 +98,7 @@ def prepare(
     overwrite: OverwriteOpt = False,
     seed: SeedOpt = None,
     config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
     json: JsonOpt = False,
     overrides: Overrides = None,
 ) -> None:
@@ -113,6 +129,8 @@ def prepare(
         ),
         overrides,
     )
+    if print_config:
+        _print_config(cfg)
     start = time.perf_counter()
     meta = run_prepare(cfg)
     dataset_table(meta)
@@ -137,7 +155,7 @@ def prepare(
         )
 
 
-@app.command()
+@app.command(cls=command_class("encode"))
 def encode(
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset name (or path).")] = None,
     model: Annotated[str | None, typer.Option(help="Encoder: sasrec (default), gru4rec or caser.")] = None,
@@ -149,6 +167,7 @@ def encode(
     overwrite: OverwriteOpt = False,
     seed: SeedOpt = None,
     config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
     json: JsonOpt = False,
     overrides: Overrides = None,
 ) -> None:
@@ -166,6 +185,8 @@ def encode(
         ),
         overrides,
     )
+    if print_config:
+        _print_config(cfg)
     result = run_encode(cfg)
     rows = {split: m for split, m in result["metrics"].items() if split in ("val", "test")}
     protocol = next((m.get("protocol") for m in rows.values() if m.get("protocol")), "sampled")
@@ -183,7 +204,7 @@ def _not_yet(command: str) -> None:
 _LATER = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
 
 
-@app.command()
+@app.command(cls=command_class("train"))
 def train(
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset name (or path).")] = None,
     experts: Annotated[int | None, typer.Option(help="LoRA experts K (1 = plain LoRA, i.e. LLaRA).")] = None,
@@ -205,10 +226,21 @@ def train(
     stop_after: Annotated[
         int | None, typer.Option(help="Stop after this many steps with a checkpoint (continue with --resume).")
     ] = None,
+    keep_best: Annotated[
+        bool,
+        typer.Option(
+            "--keep-best",
+            help="Keep the checkpoint of the best val MRR and finish the run with it (needs validate_every=N).",
+        ),
+    ] = False,
+    report_to: Annotated[
+        str | None, typer.Option(help="Send losses and metrics to: none (default), tensorboard or wandb.")
+    ] = None,
     output: OutputOpt = None,
     overwrite: OverwriteOpt = False,
     seed: SeedOpt = None,
     config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
     json: JsonOpt = False,
     overrides: Overrides = None,
 ) -> None:
@@ -237,6 +269,8 @@ def train(
         batch_size=batch_size,
         resume=_flag(resume),
         stop_after=stop_after,
+        keep_best=_flag(keep_best),
+        report_to=report_to,
         output=output,
         overwrite=_flag(overwrite),
         seed=seed,
@@ -250,6 +284,8 @@ def train(
             cfg.resume, cfg.overwrite = True, False
             if stop_after is None and "stop_after" not in parse_overrides(overrides):
                 cfg.stop_after = None  # an earlier --stop-after must not stop the resumed run again
+    if print_config:
+        _print_config(cfg)
     result = run_train(cfg)
     if json and os.environ.get("RANK", "0") == "0":  # under a launcher, only the main process prints
         from .console import print_json
@@ -257,7 +293,7 @@ def train(
         print_json(result)
 
 
-@app.command(name="eval")
+@app.command(name="eval", cls=command_class("eval"))
 def eval_(
     run: Annotated[list[str] | None, typer.Option("--run", help="Run directory or name (repeat for several).")] = None,
     encoder: Annotated[bool, typer.Option("--encoder", help="Also evaluate the encoder alone.")] = False,
@@ -275,7 +311,11 @@ def eval_(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow reading --test-file.")] = False,
     max_samples: Annotated[int | None, typer.Option(help="Evaluate only the first N rows.")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Where to write per-sample predictions (JSONL).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw the metrics of every system as a bar chart (PNG, error bars).")
+    ] = None,
     config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
     json: JsonOpt = False,
     overrides: Overrides = None,
 ) -> None:
@@ -301,19 +341,59 @@ def eval_(
         ),
         overrides,
     )
+    if print_config:
+        _print_config(cfg)
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise UserError(f"--plot writes a PNG picture; give a file name ending in .png, not {plot.name!r}.")
     result = evaluate(cfg)
-    metrics_table(
-        f"{result['split']} ({result['n_rows']} rows, {result['mode']} mode)",
-        eval_rows(result["results"]),
-        result["protocol"],
-    )
+    title = f"{result['split']} ({result['n_rows']} rows, {result['mode']} mode)"
+    metrics_table(title, eval_rows(result["results"]), result["protocol"])
+    from .card import record_results
+
+    record_results(cfg.runs, result)
+    if plot is not None:
+        from .console import err
+        from .plots import metrics_bars
+
+        metrics_bars(eval_rows(result["results"]), plot, title=f"{title}, {result['protocol']}")
+        err.print(f"Wrote the bar chart to {plot}.")
     if json:
         from .console import print_json
 
         print_json(result)
 
 
-@app.command()
+@app.command(cls=command_class("export"))
+def export(
+    run: Annotated[str | None, typer.Option("--run", help="Run directory or name.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Directory to write the copy to.")] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="K = 1 only: also save the backbone with the LoRA merged in (merged/).")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+    json: JsonOpt = False,
+    overrides: Overrides = None,
+) -> None:
+    """Copy a finished run into a self-contained directory (adapter, projector, gate, encoder, titles, card)."""
+    from .config import resolve
+    from .console import err, print_json
+    from .exporting import ExportConfig
+    from .exporting import export as run_export
+
+    cfg = resolve(
+        ExportConfig, config, dict(run=run, output=output, merge=_flag(merge), overwrite=_flag(overwrite)), overrides
+    )
+    if print_config:
+        _print_config(cfg)
+    result = run_export(cfg)
+    err.print(f"Exported {result['run']} to {result['output']} ({len(result['files'])} files).", highlight=False)
+    if json:
+        print_json(result)
+
+
+@app.command(cls=command_class("recommend"))
 def recommend(
     run: Annotated[str | None, typer.Option("--run", help="Run directory or name.")] = None,
     user_history: Annotated[
@@ -322,6 +402,7 @@ def recommend(
     top_k: Annotated[int | None, typer.Option(help="Recommendations per user.")] = None,
     candidates: Annotated[Path | None, typer.Option(help="JSON list of items to rank (default: retrieval).")] = None,
     config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
     json: JsonOpt = False,
     overrides: Overrides = None,
 ) -> None:
@@ -337,6 +418,8 @@ def recommend(
     cfg = resolve(
         RecommendConfig, config, dict(run=run, user_history=user_history, top_k=top_k, candidates=candidates), overrides
     )
+    if print_config:
+        _print_config(cfg)
     users, batch = read_histories(cfg.user_history)
     rec = Recommender(cfg)
     failed = 0
@@ -372,15 +455,18 @@ def recommend(
 
 @app.command(**_LATER)
 def ablate(ctx: typer.Context) -> None:
-    """Run the paper's ablations (experts, gates, encoders, prompts, ...). [not available yet]"""
+    """Run the paper's ablations (experts, gates, encoders, prompts, ...). \\[not available yet]"""
     _not_yet("ablate")
 
 
 def main() -> None:
     """Entry point: user errors become one sentence on stderr and exit code 2."""
+    from .console import quiet_libraries
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     try:
-        app()
+        app(prog_name="ilora")
     except UserError as exc:
         from .console import err
 

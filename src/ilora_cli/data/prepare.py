@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import check_minimums, check_range
+from ..console import err
 from ..errors import UserError
 from ..home import check_name, dataset_dir
 from .formats import FORMATS, loader
@@ -72,7 +74,16 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     out_dir = Path(config.output) if config.output else dataset_dir(config.dataset)
     if out_dir.exists() and not config.overwrite:
         raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    started = time.perf_counter()
+    where = f" from {config.input}" if config.input else ""
+    err.print(f"prepare: reading the {config.format} data{where} ...", highlight=False)
     source = loader(config.format)(config)
+    rows = sum(len(r) for r in source.splits.values())
+    err.print(
+        f"prepare: read {len(source.titles):,} items and {rows:,} rows in {time.perf_counter() - started:.1f} s; "
+        f"writing them with {config.draws} candidate draws per val/test row ...",
+        highlight=False,
+    )
     if config.domain:
         source.domain = config.domain
     source.source.setdefault("format", config.format)

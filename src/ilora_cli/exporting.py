@@ -1,0 +1,101 @@
+"""``ilora export``: a self-contained copy of a finished run, to move it to another machine or share it.
+
+The copy holds what ``eval`` and ``recommend`` read (adapter, projector, gate, encoder, item titles,
+``ilora.json``, ``config.yaml``) plus the card, the pictures and the logs; never checkpoints or predictions.
+With ``merge`` (K = 1 only: one LoRA needs no gate) the adapter is also merged into the backbone's weights and
+saved as a plain Hugging Face causal-LM directory, ``merged/``, that loads without PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .home import atomic_directory
+
+# What a run directory holds that the copy keeps (missing optional entries are skipped).
+KEEP = (
+    "ilora.json",
+    "config.yaml",
+    "adapter",
+    "projector.safetensors",
+    "user_projector.safetensors",
+    "gate.safetensors",
+    "encoder",
+    "items.json",
+    "README.md",
+    "plots",
+    "logs",
+    "evaluations.json",
+)
+REQUIRED = ("ilora.json", "adapter", "gate.safetensors", "encoder", "items.json")
+
+
+@dataclass
+class ExportConfig:
+    run: str = ""  # run directory or name under $ILORA_HOME/runs
+    output: Path | None = None  # the directory to write (must not exist unless overwrite)
+    merge: bool = False  # K = 1: also write merged/, the backbone with the LoRA merged in
+    overwrite: bool = False  # replace an existing output directory
+
+    def validate(self) -> None:
+        if not self.run:
+            raise UserError("Pass --run RUN (a finished run's directory or name).")
+        if self.output is None:
+            raise UserError("Pass --output DIR (where to write the copy).")
+
+
+def export(config: ExportConfig) -> dict[str, Any]:
+    """Copy the run (and merge it when asked); returns what was written."""
+    from .card import write_card
+    from .evaluation.evaluate import resolve_run
+
+    config.validate()
+    run_dir = resolve_run(config.run)
+    info = json.loads((run_dir / "ilora.json").read_text(encoding="utf-8"))
+    missing = [name for name in REQUIRED if not (run_dir / name).exists()]
+    if missing:
+        raise UserError(f"The run {run_dir} is incomplete (missing {', '.join(missing)}); it cannot be exported.")
+    if config.merge and info["experts"]["experts"] != 1:
+        raise UserError(
+            f"--merge needs a single LoRA (K = 1); {run_dir.name} has {info['experts']['experts']} experts "
+            "mixed per user, which no fixed merged weight can reproduce."
+        )
+    output = Path(config.output).resolve()
+    if output == run_dir.resolve() or run_dir.resolve() in output.parents:
+        raise UserError("--output must be outside the run directory.")
+    with atomic_directory(output, overwrite=config.overwrite) as tmp:
+        for name in KEEP:
+            src = run_dir / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("*.tmp", "tensorboard"))
+            elif src.is_file():
+                shutil.copy2(src, tmp / name)
+        _portable_adapter_config(tmp / "adapter" / "adapter_config.json", info["backbone"]["name"])
+        if not (tmp / "README.md").is_file():
+            write_card(tmp)
+        if config.merge:
+            merge_into_backbone(tmp, tmp / "merged")
+    files = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
+    return {"run": str(run_dir), "output": str(output), "merged": config.merge, "files": files}
+
+
+def _portable_adapter_config(path: Path, backbone: str) -> None:
+    """Name the backbone as the user gave it (hub id, path or the built-in name), never a local cache path."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["base_model_name_or_path"] = backbone
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def merge_into_backbone(run_dir: Path, target: Path) -> None:
+    """The backbone with the run's single LoRA merged in, saved with its tokenizer (placeholder tokens included)."""
+    from .training.run import load_run
+
+    run = load_run(run_dir, device="cpu", load_in_4bit=False)  # merged in full precision
+    merged = run.model.llm.merge_and_unload()
+    merged.save_pretrained(target)
+    run.tokenizer.save_pretrained(target)

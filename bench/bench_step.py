@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     from bench_levers import SUITES
 
-    from ilora_cli.training.loop import Trainer, TrainConfig
+    from ilora_cli.training.loop import TrainConfig, Trainer
 
     if not ensure_dataset(args.dataset):
         print(f"dataset {args.dataset} not available; skipping")

@@ -79,7 +79,9 @@ def main() -> None:
         print(f"{'rows':>6} {'steps':>6} {'CPU min':>8}  LLM HR@1 / MRR     fused HR@1 / MRR   encoder HR@1 / MRR")
         for i, (rows, step) in enumerate(zip(t["rows"], t["steps"])):
             minutes = f"{step * per / 60:8.1f}" if per else f"{'-':>8}"
-            cells = "   ".join(f"{t[f'{r}_hr@1'][i][0]:.3f} / {t[f'{r}_mrr'][i][0]:.3f}" for r in ("llm", "fused", "encoder"))
+            cells = "   ".join(
+                f"{t[f'{r}_hr@1'][i][0]:.3f} / {t[f'{r}_mrr'][i][0]:.3f}" for r in ("llm", "fused", "encoder")
+            )
             print(f"{rows:>6} {step:>6} {minutes}  {cells}")
 
 

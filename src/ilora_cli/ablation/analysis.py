@@ -205,7 +205,7 @@ def cluster_gradients(run, directory: Path, split: SplitData, rows: list[list[in
         losses.append(loss_sum / len(members))
     g = torch.stack(grads)  # (k, P)
     unit = g / g.norm(dim=1, keepdim=True).clamp(min=1e-30)  # (k, P)
-    similarity = (unit @ unit.T).numpy()  # (k, k)
+    similarity = (unit @ unit.T).clamp(-1.0, 1.0).numpy()  # (k, k); float32 rounding can pass ±1
     k = len(rows)
     off = similarity[~np.eye(k, dtype=bool)]
     experts = run.info["experts"]

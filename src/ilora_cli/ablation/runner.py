@@ -310,7 +310,7 @@ def _finished(p: Plan, cell: Cell) -> bool:
     doc = json.loads(f.read_text(encoding="utf-8"))
     return (
         doc.get("eval_identity") == eval_identity(p, cell)
-        and doc.get("train_identity") is not None
+        and doc.get("train_identity") == identity(to_dict(_cell_train_config(p, cell)))
         and (run_dir(p, cell) / "ilora.json").is_file()
         and doc.get("weights_sha256") == _weights_digest(run_dir(p, cell))
     )

@@ -4,7 +4,10 @@ in conflicting directions, and does the gate route them to different experts?
 1. k-means (8 clusters, scikit-learn) on the frozen encoder's user representations of the training rows.
 2. For each cluster, a fixed number of its rows (seeded, the same rows for every run compared) and the
    gradient of the run's own training objective with respect to every LoRA weight (A and B of every
-   adapted layer), summed over those rows, in eval mode (no dropout): one vector per cluster.
+   adapted layer), summed over those rows, in eval mode (no dropout): one vector per cluster. Each row is
+   the training sample of its first epoch (the same candidates and template; uniform negatives). With the
+   ``generate`` objective, whose loss is a mean over the micro-batch's answer tokens, a micro-batch's
+   mean times its rows stands for their sum.
 3. The cosine similarity of every pair of cluster gradients (an 8 x 8 matrix) and its mean off the
    diagonal: negative entries are clusters whose updates conflict.
 4. For runs with several experts, the mean gate weights of each cluster's rows (clusters x experts).

@@ -110,7 +110,19 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
         _evaluate(p, key, pending)
         for c in pending:
             status[c.name] = "done"
+        _release_memory()
     return write_results(p, status, time.perf_counter() - t0)
+
+
+def _release_memory() -> None:
+    """Free the last run's model before the next cell loads its own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # -- the ablation directory ----------------------------------------------------------------------------

@@ -52,6 +52,9 @@ OPERATIONAL = (
     "validate_draws",
 )
 
+# Cells checkpoint more often than a single run by default: an interrupted grid loses at most this many steps.
+CHECKPOINT_EVERY = 10
+
 # Reference costs on a 2-core CPU with the default backbone (docs/BENCHMARKS.md), for --dry-run estimates
 # before any cell of the ablation has been measured.
 REFERENCE_SECONDS_PER_SAMPLE = {"rank": 15.3 / 8, "generate": 12.6 / 8}
@@ -224,6 +227,7 @@ def train_config(p: Plan, cell: Cell, dataset: PreparedDataset, encoder: Path):
 
     settings = {**cell.train, "dataset": str(dataset.path), "encoder": str(encoder), "output": run_dir(p, cell)}
     settings.setdefault("quiet", p.config.quiet)
+    settings.setdefault("checkpoint_every", CHECKPOINT_EVERY)
     return resolve(TrainConfig, None, settings)
 
 

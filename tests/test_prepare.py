@@ -180,5 +180,5 @@ def test_cli_prepare_json_and_errors(ilora_home, llara_dir):
     assert r.returncode == 2 and "valid keys are" in r.stderr
     r = run_cli("prepare", "--format", "nope", home=ilora_home)
     assert r.returncode == 2 and "Unknown format" in r.stderr
-    r = run_cli("ablate", "--dataset", "syn", home=ilora_home)
-    assert r.returncode == 2 and "not available" in r.stderr
+    r = run_cli("ablate", "--dataset", "missing", "--experts", "1,4", home=ilora_home)
+    assert r.returncode == 2 and "No prepared dataset named 'missing'" in r.stderr

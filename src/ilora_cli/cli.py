@@ -197,13 +197,6 @@ def encode(
         print_json(result)
 
 
-def _not_yet(command: str) -> None:
-    raise UserError(f"`ilora {command}` is not available in this version yet.")
-
-
-_LATER = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
-
-
 @app.command(cls=command_class("train"))
 def train(
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset name (or path).")] = None,
@@ -453,10 +446,100 @@ def recommend(
         raise typer.Exit(2)
 
 
-@app.command(**_LATER)
-def ablate(ctx: typer.Context) -> None:
-    """Run the paper's ablations (experts, gates, encoders, prompts, ...). \\[not available yet]"""
-    _not_yet("ablate")
+@app.command()
+def ablate(
+    dataset: Annotated[str | None, typer.Option(help="Prepared dataset the cells train on (name or path).")] = None,
+    train_dataset: Annotated[str | None, typer.Option(help="Cross-domain: train on this dataset ...")] = None,
+    eval_dataset: Annotated[
+        str | None, typer.Option(help="... and evaluate on this one, its items mapped by title.")
+    ] = None,
+    experts: Annotated[
+        str | None, typer.Option(help="Axis: expert counts at the fixed total rank, e.g. 1,2,4,8.")
+    ] = None,
+    gates: Annotated[str | None, typer.Option(help="Axis: gates, from user, mlp, token, prompt, uniform.")] = None,
+    encoders: Annotated[str | None, typer.Option(help="Axis: encoders, from sasrec, gru4rec, caser.")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Axis: prompts, hybrid and/or text.")] = None,
+    objectives: Annotated[str | None, typer.Option(help="Axis: objectives, rank and/or generate.")] = None,
+    candidates: Annotated[str | None, typer.Option(help="Axis: candidates per evaluation row, e.g. 20,30,40.")] = None,
+    train_fraction: Annotated[
+        str | None, typer.Option(help="Axis: fraction of training users kept, e.g. 1,0.5,0.25,0.1.")
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(help="Axis: training seeds, e.g. 1,2,3.")] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="The cell the others are tested against (default: the first).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Evaluation split: val (default) or test.")] = None,
+    name: Annotated[str | None, typer.Option(help="Directory name under $ILORA_HOME/ablations.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the cells and the time they will take; train nothing.")
+    ] = False,
+    analysis: Annotated[str | None, typer.Option(help="Run an analysis instead of a grid: gradient-conflict.")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="gradient-conflict: the run to analyse.")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="gradient-conflict: a run to compare with (e.g. plain LoRA).")
+    ] = None,
+    output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    seed: SeedOpt = None,
+    config: ConfigOpt = None,
+    json: JsonOpt = False,
+    overrides: Overrides = None,
+) -> None:
+    """Run a grid of trainings and compare them on the same users (the paper's ablations).
+
+    Each cell trains one run (total rank fixed, everything else equal) and evaluates it on the stored
+    candidate draws; the table gives mean ± std over the draws, the encoder alone, and a paired test of
+    each cell against the reference cell. Extra key=value pairs are training settings shared by every
+    cell (e.g. max_train_samples=256). Running the same command again resumes an interrupted ablation.
+    With --analysis gradient-conflict, compares the LoRA gradients of user clusters of --run and --baseline.
+    """
+    from .console import print_json
+
+    if analysis is not None:
+        from .ablation.analysis import analysis_config, gradient_conflict
+
+        if analysis != "gradient-conflict":
+            raise UserError(f"Unknown analysis {analysis!r}; the one available is gradient-conflict.")
+        cfg = analysis_config(
+            config,
+            dict(run=run, baseline=baseline, dataset=dataset, output=output, overwrite=_flag(overwrite), seed=seed),
+            overrides,
+        )
+        result = gradient_conflict(cfg)
+    else:
+        from .ablation.config import resolve_ablation
+        from .ablation.runner import run_ablation
+
+        if run is not None or baseline is not None:
+            raise UserError("--run and --baseline belong to --analysis gradient-conflict.")
+        if dataset is not None and train_dataset is not None and dataset != train_dataset:
+            raise UserError("--dataset and --train-dataset name the same thing; pass one of them.")
+        flags = dict(
+            dataset=dataset or train_dataset,
+            eval_dataset=eval_dataset,
+            experts=experts,
+            gates=gates,
+            encoders=encoders,
+            prompts=prompts,
+            objectives=objectives,
+            candidates=candidates,
+            train_fraction=train_fraction,
+            seeds=seeds,
+            reference=reference,
+            split=split,
+            name=name,
+            output=output,
+            overwrite=_flag(overwrite),
+            dry_run=_flag(dry_run),
+            seed=seed,
+        )
+        result = run_ablation(resolve_ablation(config, flags, overrides))
+        if result.get("dry_run"):
+            from .ablation.report import print_plan
+
+            print_plan(result)
+    if json:
+        print_json(result)
 
 
 def main() -> None:

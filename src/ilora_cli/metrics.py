@@ -120,3 +120,46 @@ def aggregate(per_draw: Sequence[Mapping[str, float]]) -> dict[str, dict[str, fl
 def label(n_candidates: int | None) -> str:
     """How a result table names its protocol: sampled with N candidates, or full catalogue."""
     return f"sampled, {n_candidates} candidates" if n_candidates else "full ranking"
+
+
+def paired_permutation_test(
+    a, b, n_resamples: int = 20_000, exact_max: int = 20, seed: int = 0
+) -> dict[str, float | int | str]:
+    """Two-sided paired sign-flip permutation test of "a and b have the same mean" (one pair per user).
+
+    With d_i = a_i − b_i and T = Σ_i d_i, under the null hypothesis each d_i is as likely to be −d_i, so T
+    is compared with T* = Σ_i ε_i d_i over sign vectors ε ∈ {±1}^n:
+
+        p = #{ε : |T*(ε)| ≥ |T|} / 2^m
+
+    enumerated exactly over the 2^m sign vectors of the m non-zero differences when m ≤ ``exact_max``
+    (zero differences do not change T*), else estimated from ``n_resamples`` random sign vectors as
+    (1 + #{|T*| ≥ |T|}) / (1 + n_resamples), which never reports p = 0. Returns ``p_value``,
+    ``mean_difference`` (mean of d), ``n`` pairs, ``n_nonzero``, ``method`` (exact or sampled) and
+    ``resamples`` (the sign vectors used).
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1:
+        raise ValueError("a and b must be one-dimensional and of the same length")
+    nonzero = d[d != 0]
+    observed = abs(float(nonzero.sum()))
+    tol = 1e-9 * max(1.0, observed)  # sums of floats in another order differ in the last bits
+    out: dict[str, float | int | str] = {
+        "mean_difference": float(d.mean()) if d.size else float("nan"),
+        "n": int(d.size),
+        "n_nonzero": int(nonzero.size),
+    }
+    if nonzero.size <= exact_max:
+        sums = np.zeros(1)
+        for x in nonzero:  # every sign vector's T*, doubling the list per difference: (2^m,)
+            sums = np.concatenate([sums + x, sums - x])
+        extreme = int((np.abs(sums) >= observed - tol).sum())
+        out.update(p_value=extreme / sums.size, method="exact", resamples=int(sums.size))
+        return out
+    rng = np.random.default_rng(seed)
+    extreme = 0
+    for start in range(0, n_resamples, 4096):
+        signs = rng.choice([-1.0, 1.0], size=(min(4096, n_resamples - start), nonzero.size))  # (R, m)
+        extreme += int((np.abs(signs @ nonzero) >= observed - tol).sum())
+    out.update(p_value=(1 + extreme) / (1 + n_resamples), method="sampled", resamples=int(n_resamples))
+    return out

@@ -1,0 +1,281 @@
+"""What an ablation reports: one table (stderr), ``results.json``, ``results.csv`` and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any
+
+from rich.table import Table
+
+from ..console import err
+from .grid import axes_of
+from .significance import ALPHA, TEST_NAME, compare
+
+METRICS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
+TABLE_METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")
+
+
+def write_results(p, status: dict[str, str], seconds: float) -> dict[str, Any]:
+    """Collect every finished cell, test it against the reference cell, write the files, print the table."""
+    from .plots import write_plots
+    from .runner import _write_json, loss_curves, read_cell
+
+    config = p.config
+    docs = {c.name: read_cell(p, c) for c in p.cells}
+    ref = docs[p.reference.name]
+    cells = [_cell_row(p, c, docs[c.name], ref, status) for c in p.cells]
+    doc = {
+        "ablation": p.directory.name,
+        "directory": str(p.directory),
+        "dataset": p.dataset.name,
+        "eval_dataset": p.eval_dataset.name if p.eval_dataset else p.dataset.name,
+        "split": config.split,
+        "axes": axes_of(config),
+        "train": config.train,
+        "reference": p.reference.name,
+        "significance": {
+            "test": TEST_NAME,
+            "statistic": "per-user reciprocal rank",
+            "alpha": ALPHA,
+            "random_sign_flips": config.permutations,
+            "seed": config.seed,
+        },
+        "rankings": {
+            "default": "the run's default ranking: a·LLM + b·encoder for runs trained with fusion, else the LLM's",
+            "llm": "the language model's candidate scores alone",
+        },
+        "cells": cells,
+        "encoders": _encoder_rows(p, docs),
+        "cross_domain": _cross_domain(docs),
+        "unfinished": [c["name"] for c in cells if c["metrics"] is None],
+        "wall_minutes": round(seconds / 60, 3),
+    }
+    doc["plots"] = write_plots(p.directory / "plots", doc, loss_curves(p))
+    _write_json(p.directory / "results.json", doc)
+    tmp = p.directory / ".results.csv.tmp"
+    tmp.write_text(results_csv(doc), encoding="utf-8")
+    os.replace(tmp, p.directory / "results.csv")
+    print_table(doc)
+    return doc
+
+
+def _cell_row(p, cell, doc, ref, status) -> dict[str, Any]:
+    from .runner import run_dir
+
+    row: dict[str, Any] = {
+        "name": cell.name,
+        "axes": cell.axes,
+        "settings": cell.train,
+        "status": status.get(cell.name, "unfinished"),
+        "run_dir": str(run_dir(p, cell)),
+        "metrics": None,
+    }
+    if doc is None:
+        return row
+    config = p.config
+    row.update(
+        {
+            "protocol": doc["protocol"],
+            "split": doc["split"],
+            "rows": doc["rows"],
+            "draws": doc["draws"],
+            "ranking": doc["ranking"],
+            "fusion": doc["fusion"],
+            "metrics": doc["metrics"],
+            "llm_metrics": doc["llm_metrics"],
+            "encoder": doc["encoder"],
+            "encoder_metrics": doc["encoder_metrics"],
+            "minutes": round(doc["train_minutes"] + doc["eval_minutes"], 3),
+            "train_minutes": doc["train_minutes"],
+            "eval_minutes": doc["eval_minutes"],
+        }
+    )
+    args = dict(permutations=config.permutations, seed=config.seed)
+    if ref is not None and cell.name != p.reference.name:
+        row["vs_reference"] = {
+            "default": compare(doc, ref, "default", **args),
+            "llm": compare(doc, ref, "llm", **args),
+            "delta_mrr": doc["metrics"]["mrr"]["mean"] - ref["metrics"]["mrr"]["mean"],
+            "delta_llm_mrr": doc["llm_metrics"]["mrr"]["mean"] - ref["llm_metrics"]["mrr"]["mean"],
+        }
+    row["vs_encoder"] = compare(doc, doc, "default", reference_ranking="encoder", **args)
+    return row
+
+
+def _encoder_rows(p, docs) -> list[dict[str, Any]]:
+    """The encoder alone on the same rows and candidates, once per (encoder, train fraction, candidates)."""
+    rows, seen = [], set()
+    axes = {a for c in p.cells for a in c.axes}
+    for cell in p.cells:
+        doc = docs[cell.name]
+        key = (cell.encoder, cell.train_fraction, cell.candidates)
+        if doc is None or key in seen:
+            continue
+        seen.add(key)
+        parts = [
+            f"users{cell.train_fraction:g}" if "train_fraction" in axes else None,
+            f"c{cell.candidates}" if "candidates" in axes else None,
+        ]
+        label = f"{cell.encoder} alone" + "".join(f" ({x})" for x in parts if x)
+        rows.append(
+            {
+                "name": label,
+                "encoder": cell.encoder,
+                "train_fraction": cell.train_fraction,
+                "candidates": cell.candidates,
+                "protocol": doc["protocol"],
+                "metrics": doc["encoder_metrics"],
+            }
+        )
+    return rows
+
+
+def _cross_domain(docs) -> dict[str, Any] | None:
+    report = next((d["cross_domain"] for d in docs.values() if d and d.get("cross_domain")), None)
+    if report is None:
+        return None
+    return {
+        **report,
+        "comparable": (
+            f"Runs trained on {report['catalogue']!r} are evaluated on the {report['split']} rows of "
+            f"{report['rows_from']!r} whose target and at least 3 history items have a title in "
+            f"{report['catalogue']!r} ({report['rows_kept']} of {report['rows']} rows); history items without a "
+            f"counterpart are dropped and the candidates are drawn again among the {report['candidate_pool']} "
+            "shared items. These numbers compare the cells with each other and with the encoder alone on the "
+            f"same rows; they are not comparable with in-domain results on {report['rows_from']!r}'s whole "
+            "split, nor with the paper's."
+        ),
+    }
+
+
+# -- the table ------------------------------------------------------------------------------------------
+def _pm(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return "—"
+    return f"{m['mean']:.4f} ± {m['std']:.4f}" if m.get("n_draws", 1) > 1 else f"{m['mean']:.4f}"
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    finished = [c for c in doc["cells"] if c["metrics"] is not None]
+    protocols = sorted({c["protocol"] for c in finished})
+    where = f"{doc['eval_dataset']} {doc['split']}" + (
+        f", trained on {doc['dataset']}" if doc["eval_dataset"] != doc["dataset"] else ""
+    )
+    how = protocols[0] if len(protocols) == 1 else "sampled, candidates as named"
+    draws = sorted({c["draws"] for c in finished})
+    rows = sorted({c["rows"] for c in finished})
+    t = Table(
+        title=f"Ablation {doc['ablation']}: {where} ({how}; {', '.join(map(str, rows))} rows; mean ± std over "
+        f"{', '.join(map(str, draws))} draws)"
+        if finished
+        else f"Ablation {doc['ablation']}: no finished cell yet"
+    )
+    t.add_column("cell")
+    for m in TABLE_METRICS:
+        t.add_column(m.upper(), justify="right")
+    t.add_column("LLM alone HR@1", justify="right")
+    t.add_column("LLM alone MRR", justify="right")
+    t.add_column("Δ MRR", justify="right")
+    t.add_column("p", justify="right")
+    t.add_column("min", justify="right")
+    for c in doc["cells"]:
+        if c["metrics"] is None:
+            t.add_row(c["name"], *["—"] * 8, c["status"])
+            continue
+        vs = c.get("vs_reference")
+        if vs is None:
+            delta, p = "ref", "ref"
+        else:
+            delta = f"{vs['delta_mrr']:+.4f}"
+            pv = vs["default"]["p_value"]
+            p = "n/a" if pv is None else f"{pv:.3f}" + (" *" if vs["default"]["significant"] else "")
+        name = c["name"] + (" (fused)" if c["ranking"] == "fused" else "")
+        llm = c["llm_metrics"]
+        t.add_row(
+            name,
+            *[_pm(c["metrics"].get(m)) for m in TABLE_METRICS],
+            _pm(llm.get("hr@1")),
+            _pm(llm.get("mrr")),
+            delta,
+            p,
+            f"{c['minutes']:.1f}",
+        )
+    for e in doc["encoders"]:
+        t.add_row(e["name"], *[_pm(e["metrics"].get(m)) for m in TABLE_METRICS], "—", "—", "", "", "")
+    err.print(t)
+    err.print(
+        f"p: {doc['significance']['test']}, of each cell's default ranking against the reference cell "
+        f"{doc['reference']}; * p < {ALPHA}. (fused): ranked by a·LLM + b·encoder; LLM alone: the language model's "
+        "scores without the encoder."
+    )
+    if doc.get("cross_domain"):
+        err.print(f"[yellow]cross-domain:[/] {doc['cross_domain']['comparable']}")
+    if doc["unfinished"]:
+        err.print(
+            f"[yellow]note:[/] {len(doc['unfinished'])} cell(s) unfinished: {', '.join(doc['unfinished'])}; "
+            "run the same command again to resume them."
+        )
+
+
+# -- results.csv ------------------------------------------------------------------------------------------
+def results_csv(doc: dict[str, Any]) -> str:
+    axes = list(doc["axes"])
+    header = ["name", "status", *axes, "ranking"]
+    header += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    header += [f"llm_{m}_{s}" for m in ("hr@1", "mrr") for s in ("mean", "std")]
+    header += ["delta_mrr", "p_value", "significant", "llm_p_value", "minutes", "run_dir"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for c in doc["cells"]:
+        m, llm = c["metrics"] or {}, c.get("llm_metrics") or {}
+        vs = c.get("vs_reference") or {}
+        row = [c["name"], c["status"], *[c["axes"].get(a, "") for a in axes], c.get("ranking", "")]
+        row += [_num(m.get(k, {}).get(s)) for k in METRICS for s in ("mean", "std")]
+        row += [_num(llm.get(k, {}).get(s)) for k in ("hr@1", "mrr") for s in ("mean", "std")]
+        row += [
+            _num(vs.get("delta_mrr")),
+            _num((vs.get("default") or {}).get("p_value")),
+            (vs.get("default") or {}).get("significant", ""),
+            _num((vs.get("llm") or {}).get("p_value")),
+            _num(c.get("minutes")),
+            c["run_dir"],
+        ]
+        w.writerow(row)
+    for e in doc["encoders"]:
+        row = [e["name"], "reference", *[""] * len(axes), "encoder"]
+        row += [_num(e["metrics"].get(k, {}).get(s)) for k in METRICS for s in ("mean", "std")]
+        row += [""] * (4 + 6)
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _num(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    """The table of ``--dry-run``: each cell, its run, status, steps and estimated minutes."""
+    t = Table(title=f"Ablation {plan['directory']} (dry run; reference cell {plan['reference']})")
+    for col in ("cell", "run", "status", "steps", "train min", "eval min"):
+        t.add_column(col, justify="left" if col in ("cell", "run", "status") else "right")
+    for c in plan["cells"]:
+        est = [c["train_minutes_estimate"], c["eval_minutes_estimate"]]
+        t.add_row(
+            c["name"],
+            c["run"],
+            c["status"],
+            f"{c['steps']} x {c['samples_per_step']}",
+            *("?" if v is None else f"{v:.1f}" for v in est),
+        )
+    err.print(t)
+    total = plan["total_minutes_estimate"]
+    err.print(
+        f"{len(plan['cells'])} cells; estimated "
+        + ("time unknown" if total is None else f"{total:.1f} minutes")
+        + f" ({plan['estimate_basis']}; {plan['note']})."
+    )

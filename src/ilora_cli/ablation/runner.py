@@ -1,0 +1,536 @@
+"""``ilora ablate``: train and evaluate every cell of a grid in one ablation directory, resumably.
+
+Layout of an ablation directory::
+
+    ablation.json            what was asked: dataset, evaluation, axes, shared training settings
+    runs/<run>/              one ``ilora train`` run directory per distinct training setting
+    cells/<cell>.json        a finished cell: settings, metrics (mean ± std over draws), per-user reciprocal ranks
+    logs/<run>.jsonl         one line per training attempt (wall seconds, steps, resumed or not)
+    data/, encoders/         datasets with fewer training users, and the encoders trained on them
+    results.json, results.csv, plots/
+
+A cell is finished when ``cells/<cell>.json`` exists for the current weights of its run. Running the same
+command again skips finished cells, resumes an interrupted run from its newest checkpoint, and evaluates
+runs that finished training but not evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import resolve, to_dict
+from ..console import err
+from ..data.prepared import PreparedDataset, SplitData
+from ..errors import UserError
+from .config import AblateConfig
+from .grid import Cell, axes_of, expand, reference_cell
+
+# Training settings that do not change what a run learns: a run may be resumed with other values.
+OPERATIONAL = (
+    "dataset",
+    "name",
+    "output",
+    "overwrite",
+    "resume",
+    "encoder",
+    "stop_after",
+    "quiet",
+    "threads",
+    "checkpoint_every",
+    "log_every",
+    "device",
+    "validate_every",
+    "validate_at",
+    "validate_rows",
+    "validate_draws",
+)
+
+# Cells checkpoint more often than a single run by default: an interrupted grid loses at most this many steps.
+CHECKPOINT_EVERY = 10
+
+# Reference costs on a 2-core CPU with the default backbone (docs/BENCHMARKS.md), for --dry-run estimates
+# before any cell of the ablation has been measured.
+REFERENCE_SECONDS_PER_SAMPLE = {"rank": 15.3 / 8, "generate": 12.6 / 8}
+REFERENCE_TEXT_FACTOR = 0.87  # text-only prompts are about 13% cheaper per step
+REFERENCE_EVAL_SECONDS = 8.43 / 16  # one user, one draw of 20 candidates, score mode
+REFERENCE_ENCODER_SECONDS_PER_ROW_EPOCH = 4.19 / 47_872
+
+
+@dataclass
+class Plan:
+    """The cells of an ablation and what each still needs."""
+
+    config: AblateConfig
+    directory: Path
+    dataset: PreparedDataset
+    eval_dataset: PreparedDataset | None
+    cells: list[Cell]
+    reference: Cell
+
+
+def plan(config: AblateConfig) -> Plan:
+    cells = expand(config)
+    return Plan(
+        config=config,
+        directory=config.directory(),
+        dataset=PreparedDataset.open(config.dataset),
+        eval_dataset=PreparedDataset.open(config.eval_dataset) if config.eval_dataset else None,
+        cells=cells,
+        reference=reference_cell(cells, config.reference),
+    )
+
+
+def run_ablation(config: AblateConfig) -> dict[str, Any]:
+    """Run (or resume) the ablation; returns the ``results.json`` document (or the plan with ``dry_run``)."""
+    from .report import write_results
+
+    p = plan(config)
+    if config.dry_run:
+        return dry_run(p)
+    if config.overwrite and p.directory.exists():
+        shutil.rmtree(p.directory)
+    _claim_directory(p)
+    t0 = time.perf_counter()
+    status: dict[str, str] = {}
+    for key, group in _by_run(p.cells).items():
+        pending = [c for c in group if not _finished(p, c)]
+        for c in group:
+            status[c.name] = "finished before"
+        if not pending:
+            continue
+        err.print(f"[bold]Ablation {p.directory.name}[/]: run {key} ({', '.join(c.name for c in pending)})")
+        if not _train(p, group[0]):
+            for c in group:
+                status[c.name] = "stopped"
+            continue
+        _evaluate(p, key, pending)
+        for c in pending:
+            status[c.name] = "done"
+        _release_memory()
+    return write_results(p, status, time.perf_counter() - t0)
+
+
+def _release_memory() -> None:
+    """Free the last run's model before the next cell loads its own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- the ablation directory ----------------------------------------------------------------------------
+def _claim_directory(p: Plan) -> None:
+    """Create the directory, or check that the existing one holds this ablation (same data and evaluation)."""
+    doc = {
+        "tool_version": __version__,
+        "dataset": {"name": p.dataset.name, "checksum": p.dataset.checksum, "path": str(p.dataset.path)},
+        "eval_dataset": _dataset_doc(p.eval_dataset),
+        "split": p.config.split,
+        "axes": axes_of(p.config),
+        "train": p.config.train,
+        "reference": p.reference.name,
+    }
+    manifest = p.directory / "ablation.json"
+    if manifest.is_file():
+        old = json.loads(manifest.read_text(encoding="utf-8"))
+        for key in ("dataset", "eval_dataset"):
+            if (old.get(key) or {}).get("checksum") != (doc.get(key) or {}).get("checksum"):
+                raise UserError(
+                    f"The ablation directory {p.directory} was made for another {key.replace('_', ' ')}; "
+                    "pass --overwrite or choose another --name or --output."
+                )
+    for sub in ("runs", "cells", "logs"):
+        (p.directory / sub).mkdir(parents=True, exist_ok=True)
+    _write_json(manifest, doc)
+
+
+def _dataset_doc(ds: PreparedDataset | None) -> dict[str, Any] | None:
+    return None if ds is None else {"name": ds.name, "checksum": ds.checksum, "path": str(ds.path)}
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    from ..console import _json_default
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _by_run(cells: list[Cell]) -> dict[str, list[Cell]]:
+    out: dict[str, list[Cell]] = {}
+    for c in cells:
+        out.setdefault(c.train_key, []).append(c)
+    return out
+
+
+def run_dir(p: Plan, cell: Cell) -> Path:
+    return p.directory / "runs" / cell.train_key
+
+
+def cell_file(p: Plan, cell: Cell) -> Path:
+    return p.directory / "cells" / f"{cell.name}.json"
+
+
+# -- data and encoders ------------------------------------------------------------------------------------
+def train_dataset(p: Plan, cell: Cell) -> PreparedDataset:
+    """The dataset a cell trains on: the ablation's, or a copy with a fraction of its training users."""
+    from ..data.variants import user_subset
+
+    if cell.train_fraction >= 1:
+        return p.dataset
+    out = p.directory / "data" / f"{p.dataset.name}-users{cell.train_fraction:g}"
+    return user_subset(p.dataset, cell.train_fraction, p.config.seed, out)
+
+
+def encoder_path(p: Plan, dataset: PreparedDataset, kind: str) -> Path:
+    """The encoder of ``kind`` for ``dataset``: the shared one in $ILORA_HOME when it fits, else one in the
+    ablation directory; trained first when missing."""
+    from ..encoders.io import check_compatible, load_encoder
+    from ..encoders.train import EncodeConfig, encode
+    from ..home import dataset_dir, encoder_dir
+
+    name = f"{dataset.name}-{kind}"
+    shared = encoder_dir(name)
+    local = p.directory / "encoders" / name
+    for candidate in (shared, local):
+        if (candidate / "encoder.json").is_file():
+            _, info = load_encoder(candidate)
+            if info["type"] == kind:
+                try:
+                    check_compatible(info, dataset)
+                    return candidate
+                except UserError:
+                    continue
+    home_dataset = dataset.path.resolve() == dataset_dir(dataset.name).resolve()
+    target = shared if home_dataset and not shared.exists() else local
+    err.print(f"Training the {kind} encoder for {dataset.name!r} into {target} (ilora encode).")
+    settings = dict(dataset=str(dataset.path), model=kind, output=target, seed=p.config.seed, quiet=p.config.quiet)
+    if p.config.encode_epochs is not None:
+        settings["epochs"] = p.config.encode_epochs
+    encode(EncodeConfig(**settings, overwrite=target.exists()))
+    return target
+
+
+# -- training -------------------------------------------------------------------------------------------
+def train_config(p: Plan, cell: Cell, dataset: PreparedDataset, encoder: Path):
+    from ..training.loop import TrainConfig
+
+    settings = {**cell.train, "dataset": str(dataset.path), "encoder": str(encoder), "output": run_dir(p, cell)}
+    settings.setdefault("quiet", p.config.quiet)
+    settings.setdefault("checkpoint_every", CHECKPOINT_EVERY)
+    return resolve(TrainConfig, None, settings)
+
+
+def identity(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The training settings that decide what a run learns (resolved defaults included)."""
+    return {k: v for k, v in config_dict.items() if k not in OPERATIONAL}
+
+
+def run_state(directory: Path, config) -> str:
+    """``done``, ``resume`` or ``fresh`` for a run directory; refuses one trained with other settings."""
+    from ..training.checkpoint import list_checkpoints
+    from ..training.loop import TrainConfig
+
+    saved = directory / "config.yaml"
+    has_checkpoint = bool(list_checkpoints(directory / "checkpoints"))
+    if not saved.is_file() or not (has_checkpoint or (directory / "ilora.json").is_file()):
+        return "fresh"
+    old = resolve(TrainConfig, saved)
+    mine, theirs = identity(to_dict(config)), identity(to_dict(old))
+    if mine != theirs:
+        diff = [f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in mine if mine.get(k) != theirs.get(k)]
+        raise UserError(
+            f"The run {directory} was trained with other settings ({'; '.join(diff[:3])}); "
+            "pass --overwrite or choose another --name or --output."
+        )
+    return "done" if (directory / "ilora.json").is_file() else "resume"
+
+
+def _train(p: Plan, cell: Cell) -> bool:
+    """Train (or resume) the run of ``cell``; True when it is complete."""
+    from ..training.loop import train
+
+    dataset = train_dataset(p, cell)
+    config = train_config(p, cell, dataset, encoder_path(p, dataset, cell.encoder))
+    state = run_state(run_dir(p, cell), config)
+    if state == "done":
+        return True
+    config.resume = state == "resume"
+    config.overwrite = state == "fresh" and run_dir(p, cell).exists()
+    if config.resume and "stop_after" not in p.config.train:
+        config.stop_after = None
+    t0 = time.perf_counter()
+    summary = train(config)
+    attempt = {
+        "seconds": round(time.perf_counter() - t0, 3),
+        "steps": summary["steps"],
+        "total_steps": summary["total_steps"],
+        "complete": summary["complete"],
+        "resumed_from": summary["resumed_from"],
+        "samples": (summary["steps"] - _resumed_step(summary)) * config.batch_size * config.grad_accum,
+        "objective": config.objective,
+        "prompt": config.prompt,
+    }
+    with open(p.directory / "logs" / f"{cell.train_key}.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(attempt) + "\n")
+    return bool(summary["complete"])
+
+
+def _resumed_step(summary: dict[str, Any]) -> int:
+    resumed = summary.get("resumed_from")
+    return int(Path(resumed).name.split("-")[1]) if resumed else 0
+
+
+def train_minutes(p: Plan, cell: Cell) -> float:
+    """Wall minutes of every training attempt of the cell's run (loading included)."""
+    log = p.directory / "logs" / f"{cell.train_key}.jsonl"
+    if not log.is_file():
+        return 0.0
+    return sum(json.loads(x)["seconds"] for x in log.read_text(encoding="utf-8").splitlines() if x) / 60
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+def eval_identity(p: Plan, cell: Cell) -> dict[str, Any]:
+    """What decides a cell's evaluation rows and candidates."""
+    ds = p.eval_dataset or p.dataset
+    return {
+        "dataset": ds.checksum,
+        "catalogue": p.dataset.checksum,
+        "split": p.config.split,
+        "candidates": cell.candidates,
+        "draws": p.config.eval_draws,
+        "rows": p.config.eval_rows,
+        "seed": p.config.seed if p.eval_dataset else None,
+    }
+
+
+def _weights_digest(directory: Path) -> str | None:
+    f = directory / "logs" / "weights-rank0.sha256"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def _finished(p: Plan, cell: Cell) -> bool:
+    f = cell_file(p, cell)
+    if not f.is_file():
+        return False
+    doc = json.loads(f.read_text(encoding="utf-8"))
+    return (
+        doc.get("eval_identity") == eval_identity(p, cell)
+        and doc.get("train_identity") == identity(to_dict(_cell_train_config(p, cell)))
+        and (run_dir(p, cell) / "ilora.json").is_file()
+        and doc.get("weights_sha256") == _weights_digest(run_dir(p, cell))
+    )
+
+
+def eval_split(p: Plan, cell: Cell) -> tuple[SplitData, dict[str, Any] | None]:
+    """The rows and candidates a cell is evaluated on, and the cross-domain mapping report (or None)."""
+    from ..data.variants import candidate_draws, translate_split
+
+    config = p.config
+    if p.eval_dataset is not None:
+        n = cell.candidates or int(p.eval_dataset.meta["n_candidates"])
+        draws = config.eval_draws or int(p.eval_dataset.meta["draws"])
+        split, report = translate_split(p.eval_dataset, config.split, p.dataset, n, draws, config.seed)
+    else:
+        split, report = p.dataset.split(config.split), None
+        if cell.candidates is not None:
+            split.candidates = candidate_draws(p.dataset, config.split, cell.candidates)
+    if split.candidates is None:
+        raise UserError(f"The {config.split} split has no stored candidate draws.")
+    if config.eval_draws is not None:
+        split.candidates = split.candidates[:, : config.eval_draws]
+    if config.eval_rows is not None:
+        n = min(config.eval_rows, len(split))
+        split = SplitData(
+            split.name, split.sample_id[:n], split.seq[:n], split.len_seq[:n], split.next[:n], split.candidates[:n]
+        )
+    return split, report
+
+
+def _evaluate(p: Plan, key: str, cells: list[Cell]) -> None:
+    """Evaluate one trained run for each of its pending cells (the run is loaded once)."""
+    from .. import metrics
+    from ..devices import resolve_device
+    from ..evaluation.evaluate import EvalConfig, evaluate_run
+    from ..training.loop import TrainConfig
+    from ..training.run import load_run
+    from .significance import per_user_rr
+
+    directory = run_dir(p, cells[0])
+    run = load_run(directory, device=resolve_device(p.config.train.get("device", "auto")))
+    config = resolve(TrainConfig, directory / "config.yaml")
+    ev = EvalConfig(runs=[key], batch_size=p.config.eval_batch_size, quiet=p.config.quiet)
+    for cell in cells:
+        split, report = eval_split(p, cell)
+        predictions = directory / f"predictions-{cell.name}.jsonl"
+        t0 = time.perf_counter()
+        out = evaluate_run(run, split, ev, cell.name, predictions)
+        seconds = time.perf_counter() - t0
+        doc = {
+            "name": cell.name,
+            "axes": cell.axes,
+            "run": key,
+            "run_dir": str(directory),
+            "train_identity": identity(to_dict(config)),
+            "eval_identity": eval_identity(p, cell),
+            "eval_rows_key": f"{(p.eval_dataset or p.dataset).checksum}:{split.name}",
+            "weights_sha256": _weights_digest(directory),
+            "encoder": cell.encoder,
+            "train_fraction": cell.train_fraction,
+            "protocol": metrics.label(split.candidates.shape[2]),
+            "split": split.name,
+            "rows": len(split),
+            "draws": int(split.candidates.shape[1]),
+            "ranking": out["ranking"],
+            "fusion": out["fusion"],
+            "metrics": out["metrics"],
+            "llm_metrics": out["llm"]["metrics"] if "llm" in out else out["metrics"],
+            "encoder_metrics": out["encoder"]["metrics"],
+            "per_user": per_user_rr(predictions),
+            "train_minutes": round(train_minutes(p, cell), 3),
+            "eval_minutes": round(seconds / 60, 3),
+            "cross_domain": report,
+        }
+        _write_json(cell_file(p, cell), doc)
+        err.print(
+            f"cell {cell.name}: HR@1 {out['metrics']['hr@1']['mean']:.4f}  MRR {out['metrics']['mrr']['mean']:.4f}"
+            f" ({out['ranking']} ranking; {len(split)} rows x {split.candidates.shape[1]} draws)"
+        )
+    del run
+
+
+# -- --dry-run --------------------------------------------------------------------------------------------
+def dry_run(p: Plan) -> dict[str, Any]:
+    """Each cell's status and estimated minutes, from this ablation's measured attempts when there are any,
+    else from reference costs of the default backbone on a 2-core CPU."""
+    measured = _measured_seconds_per_sample(p)
+    default_backbone = p.config.train.get("backbone") in (None, "", "default", "smollm2-135m-instruct")
+    rows = []
+    seen_runs: set[str] = set()
+    for cell in p.cells:
+        status, done_steps = _cell_status(p, cell)
+        tc = _cell_train_config(p, cell)
+        steps, per_step = _steps(p, cell, tc)
+        train_s = eval_s = None
+        per_sample = measured.get((tc.objective, tc.prompt)) or (
+            REFERENCE_SECONDS_PER_SAMPLE[tc.objective] * (REFERENCE_TEXT_FACTOR if tc.prompt == "text" else 1)
+            if default_backbone
+            else None
+        )
+        if per_sample is not None and status != "finished":
+            first = cell.train_key not in seen_runs
+            train_s = (steps - done_steps) * per_step * per_sample if first and status != "trained" else 0.0
+            n_rows, draws, n_cands = _eval_size(p, cell)
+            speed = per_sample / REFERENCE_SECONDS_PER_SAMPLE["rank"]  # this machine and backbone against the reference
+            eval_s = n_rows * draws * n_cands / 20 * REFERENCE_EVAL_SECONDS * speed
+        seen_runs.add(cell.train_key)
+        rows.append(
+            {
+                "name": cell.name,
+                "run": cell.train_key,
+                "axes": cell.axes,
+                "status": status,
+                "steps": steps,
+                "samples_per_step": per_step,
+                "train_minutes_estimate": None if train_s is None else round(train_s / 60, 2),
+                "eval_minutes_estimate": None if eval_s is None else round(eval_s / 60, 2),
+            }
+        )
+    known = [r for r in rows if r["train_minutes_estimate"] is not None]
+    total = sum(r["train_minutes_estimate"] + r["eval_minutes_estimate"] for r in known) if known else None
+    if measured:
+        basis = "seconds per training sample measured by this ablation's earlier attempts"
+    elif default_backbone:
+        basis = "reference costs of the default backbone on a 2-core CPU (docs/BENCHMARKS.md)"
+    else:
+        basis = "no estimate: no cell of this ablation has been measured on this backbone yet"
+    return {
+        "dry_run": True,
+        "directory": str(p.directory),
+        "reference": p.reference.name,
+        "cells": rows,
+        "total_minutes_estimate": None if total is None else round(total, 1),
+        "estimate_basis": basis,
+        "note": "encoders that still have to be trained are not included",
+    }
+
+
+def _cell_status(p: Plan, cell: Cell) -> tuple[str, int]:
+    from ..training.checkpoint import list_checkpoints
+
+    directory = run_dir(p, cell)
+    if _finished(p, cell):
+        return "finished", 0
+    if (directory / "ilora.json").is_file():
+        return "trained", 0
+    ckpts = list_checkpoints(directory / "checkpoints")
+    if ckpts:
+        step = int(ckpts[-1].name.split("-")[1])
+        return f"resume at step {step}", step
+    return "to train", 0
+
+
+def _cell_train_config(p: Plan, cell: Cell):
+    from ..training.loop import TrainConfig
+
+    return resolve(TrainConfig, None, {**cell.train, "dataset": str(p.dataset.path)})
+
+
+def _steps(p: Plan, cell: Cell, tc) -> tuple[int, int]:
+    rows = int(p.dataset.meta["splits"]["train"] * cell.train_fraction)
+    if tc.max_train_samples is not None:
+        rows = min(rows, tc.max_train_samples)
+    per_step = tc.batch_size * tc.grad_accum
+    steps = tc.max_steps or max(1, int((rows // tc.batch_size) // tc.grad_accum * tc.epochs))
+    return steps, per_step
+
+
+def _eval_size(p: Plan, cell: Cell) -> tuple[int, int, int]:
+    ds = p.eval_dataset or p.dataset
+    rows = int(ds.meta["splits"].get(p.config.split, 0))
+    if p.config.eval_rows is not None:
+        rows = min(rows, p.config.eval_rows)
+    draws = p.config.eval_draws or int(ds.meta["draws"])
+    return rows, draws, cell.candidates or int(ds.meta["n_candidates"])
+
+
+def _measured_seconds_per_sample(p: Plan) -> dict[tuple[str, str], float]:
+    """Wall seconds per training sample of this ablation's attempts, by (objective, prompt)."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    logs = p.directory / "logs"
+    for f in sorted(logs.glob("*.jsonl")) if logs.is_dir() else []:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            a = json.loads(line)
+            if a.get("samples"):
+                t = totals.setdefault((a["objective"], a["prompt"]), [0.0, 0.0])
+                t[0] += a["seconds"]
+                t[1] += a["samples"]
+    return {k: s / n for k, (s, n) in totals.items() if n}
+
+
+def read_cell(p: Plan, cell: Cell) -> dict[str, Any] | None:
+    f = cell_file(p, cell)
+    if not _finished(p, cell):
+        return None
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def loss_curves(p: Plan) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) of every training run of the grid, from its log."""
+    out = {}
+    for key, group in _by_run(p.cells).items():
+        log = run_dir(p, group[0]) / "logs" / "train.jsonl"
+        if log.is_file():
+            records = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x]
+            out[key] = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    return out

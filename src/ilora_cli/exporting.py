@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .home import atomic_directory
+from .home import atomic_directory, write_manifest
 
 # What a run directory holds that the copy keeps (missing optional entries are skipped).
 KEEP = (
@@ -31,6 +31,7 @@ KEEP = (
     "plots",
     "logs",
     "evaluations.json",
+    "manifest.json",  # the checksums that eval and recommend verify: the copied files are byte-identical
 )
 REQUIRED = ("ilora.json", "adapter", "gate.safetensors", "encoder", "items.json")
 
@@ -53,13 +54,15 @@ def export(config: ExportConfig) -> dict[str, Any]:
     """Copy the run (and merge it when asked); returns what was written."""
     from .card import write_card
     from .evaluation.evaluate import resolve_run
+    from .training.run import RUN_FILES, check_run_files, read_info
 
     config.validate()
     run_dir = resolve_run(config.run)
-    info = json.loads((run_dir / "ilora.json").read_text(encoding="utf-8"))
+    info = read_info(run_dir)
     missing = [name for name in REQUIRED if not (run_dir / name).exists()]
     if missing:
         raise UserError(f"The run {run_dir} is incomplete (missing {', '.join(missing)}); it cannot be exported.")
+    check_run_files(run_dir, info)  # a damaged run is refused, not copied under a fresh manifest
     if config.merge and info["experts"]["experts"] != 1:
         raise UserError(
             f"--merge needs a single LoRA (K = 1); {run_dir.name} has {info['experts']['experts']} experts "
@@ -75,7 +78,8 @@ def export(config: ExportConfig) -> dict[str, Any]:
                 shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("*.tmp", "tensorboard"))
             elif src.is_file():
                 shutil.copy2(src, tmp / name)
-        _portable_adapter_config(tmp / "adapter" / "adapter_config.json", info["backbone"]["name"])
+        if _portable_adapter_config(tmp / "adapter" / "adapter_config.json", info["backbone"]["name"]):
+            write_manifest(tmp, [f for f in RUN_FILES if (tmp / f).is_file()])  # the copy's own checksums
         if not (tmp / "README.md").is_file():
             write_card(tmp)
         if config.merge:
@@ -84,11 +88,15 @@ def export(config: ExportConfig) -> dict[str, Any]:
     return {"run": str(run_dir), "output": str(output), "merged": config.merge, "files": files}
 
 
-def _portable_adapter_config(path: Path, backbone: str) -> None:
-    """Name the backbone as the user gave it (hub id, path or the built-in name), never a local cache path."""
+def _portable_adapter_config(path: Path, backbone: str) -> bool:
+    """Name the backbone as the user gave it (hub id, path or the built-in name), never a local cache path;
+    whether the file had to change (runs of older versions recorded the cache path)."""
     doc = json.loads(path.read_text(encoding="utf-8"))
+    if doc.get("base_model_name_or_path") == backbone:
+        return False
     doc["base_model_name_or_path"] = backbone
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
 
 
 def merge_into_backbone(run_dir: Path, target: Path) -> None:

@@ -52,8 +52,10 @@ def test_train_help_names_the_settings_that_have_no_flag():
     assert "gate learning rate (default 0.3 x lr" in text and "--keep-best" in text and "--report-to" in text
 
 
-def test_ablate_help_keeps_its_brackets():
-    assert "[not available yet]" in _help("ablate")
+def test_ablate_help_is_not_eaten_by_markup_and_lists_its_settings():
+    text = " ".join(_help("ablate").split())
+    assert "Run a grid of trainings and compare them on the same users" in text
+    assert "eval_draws" in text and "permutations" in text
 
 
 def test_print_config_is_yaml_that_config_reads_back(tmp_path, ilora_home):

@@ -446,7 +446,7 @@ def recommend(
         raise typer.Exit(2)
 
 
-@app.command()
+@app.command(cls=command_class("ablate"))
 def ablate(
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset the cells train on (name or path).")] = None,
     train_dataset: Annotated[str | None, typer.Option(help="Cross-domain: train on this dataset ...")] = None,

@@ -29,6 +29,7 @@ CONFIGS = {
     "eval": "ilora_cli.evaluation.evaluate:EvalConfig",
     "recommend": "ilora_cli.evaluation.recommend:RecommendConfig",
     "export": "ilora_cli.exporting:ExportConfig",
+    "ablate": "ilora_cli.ablation.config:AblateConfig",
 }
 
 _UNRESOLVED = object()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
 import json
 import math
 import shutil
@@ -447,7 +448,9 @@ class Trainer:
                 shutil.copytree(self.enc_info["path"], run_dir / "encoder")
                 titles = json.dumps({"titles": self.dataset.titles}, ensure_ascii=False)
                 (run_dir / "items.json").write_text(titles + "\n")
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+            # the run's settings, without how this invocation treated the directory (resume, overwrite)
+            settings = dataclasses.replace(config, resume=False, overwrite=False)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(settings), sort_keys=False))
         self.accelerator.wait_for_everyone()
         self.log_file = run_dir / "logs" / "train.jsonl"
         scaler = getattr(self.accelerator, "scaler", None)
@@ -590,11 +593,6 @@ class Trainer:
         if config.keep_best and self.step_count >= self.total_steps:
             self._load_best()
         summary = self.save(train_seconds, done_samples)
-        if self.main and summary["complete"]:
-            from ..card import write_card
-
-            self._pictures()
-            write_card(self.run_dir)
         self.accelerator.end_training()
         return summary
 
@@ -861,6 +859,10 @@ class Trainer:
             for peft_config in self.unwrapped.llm.peft_config.values():
                 peft_config.base_model_name_or_path = self.spec.describe()["name"]
             write_final(self.run_dir, self.unwrapped, self.run_info(summary))
+            from ..card import write_card
+
+            self._pictures()  # before an overwrite moves the run into place
+            write_card(self.run_dir)
         self.accelerator.wait_for_everyone()
         if self.main and finished:
             if self.run_dir != self.final_dir:

@@ -54,7 +54,8 @@ class TrainConfig:
     prompt: str = "hybrid"  # hybrid (projected item embeddings in the prompt) or text (TALLRec-style)
     objective: str = "rank"  # rank (listwise over candidate titles) or generate (answer cross-entropy)
     normalize: str = "mean"  # candidate score: mean or sum of title token log-probs (rank objective, eval)
-    templates: str = "ilora-v1"  # prompt template set: ilora-v1 (paraphrases) or compact (about 30% fewer tokens)
+    templates: str = "compact"  # prompt template set: compact (a third fewer tokens, 0.6x the step time on
+    # LastFM) or ilora-v1 (paraphrases with every history title; docs/BENCHMARKS.md)
     user_token: bool = False  # compact hybrid prompts end with the encoder's user representation ([UserEmb])
     distill_weight: float | None = None  # λ of the KL term towards the encoder's softmax over the candidates
     # (rank objective; None: the objective's default)

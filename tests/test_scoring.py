@@ -118,3 +118,28 @@ def test_packed_scoring_on_a_gpt2_backbone():
         fast, _ = candidate_logprobs(model, builder, prefix, torch.tensor(cands))
         slow = _naive(model, builder, hist, cands)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batches_and_answers_hold_each_rows_tokens_in_place(side):
+    from ilora_cli.llm.scoring import pad_answers
+
+    _, builder = _setup()
+    hist, cands, targets = [[0, 1, 2], [3, 4, 5, 6, 7], [8]], [[3, 4, 5], [0, 1, 2], [1, 9, 3]], [3, 0, 9]
+    b = builder.batch(hist, cands, targets, pad_id=N_ITEMS, padding_side=side)
+    for i, (h, c, t) in enumerate(zip(hist, cands, targets)):
+        row = builder.prompt_ids(h, c) + builder.answer_ids(t)
+        real = b.attention_mask[i].bool()
+        assert b.input_ids[i][real].tolist() == row
+        assert (b.input_ids[i][~real] == builder.pad_id).all()
+        assert real.nonzero().flatten().tolist() == (
+            list(range(len(row)))
+            if side == "right"
+            else list(range(b.input_ids.shape[1] - len(row), b.input_ids.shape[1]))
+        )
+        assert b.history[i, : len(h)].tolist() == h and (b.history[i, len(h) :] == N_ITEMS).all()
+    ids, mask = pad_answers(builder, cands)
+    for k, item in enumerate(c for row in cands for c in row):
+        answer = builder.answer_ids(item)
+        assert ids[k, : len(answer)].tolist() == answer and mask[k].sum() == len(answer)
+        assert (ids[k, len(answer) :] == builder.pad_id).all()

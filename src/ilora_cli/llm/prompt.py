@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 HISTORY_TOKEN = "[HistoryEmb]"
@@ -113,9 +114,22 @@ class PromptBuilder:
         )
 
     def prompt_ids(self, history: Sequence[int], candidates: Sequence[int], template: int = 0) -> list[int]:
-        ids = self.tokenizer(self.prompt_text(history, candidates, template), add_special_tokens=False)["input_ids"]
+        return self.prompts_ids([history], [candidates], [template])[0]
+
+    def prompts_ids(
+        self,
+        histories: Sequence[Sequence[int]],
+        candidates: Sequence[Sequence[int]],
+        templates: Sequence[int] | None = None,
+    ) -> list[list[int]]:
+        """The token ids of several prompts, tokenized in one call (the fast tokenizers batch it)."""
+        texts = [
+            self.prompt_text(h, c, templates[i] if templates is not None else 0)
+            for i, (h, c) in enumerate(zip(histories, candidates))
+        ]
         bos = self.tokenizer.bos_token_id
-        return ([bos] if bos is not None and bos != self.eos_id else []) + ids
+        head = [bos] if bos is not None and bos != self.eos_id else []
+        return [head + ids for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def answer_ids(self, item: int) -> list[int]:
         """`` <title><eos>`` — the continuation after the prompt (cached per item)."""
@@ -141,23 +155,25 @@ class PromptBuilder:
         generation and candidate scoring — use left padding so that every row ends at its last token.
         """
         rows, labels = [], []
-        for i, (hist, cands) in enumerate(zip(histories, candidates)):
-            prompt = self.prompt_ids(hist, cands, templates[i] if templates is not None else 0)
+        for i, prompt in enumerate(self.prompts_ids(histories, candidates, templates)):
             answer = self.answer_ids(targets[i]) if targets is not None else []
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        lab = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (r, lb) in enumerate(zip(rows, labels)):
-            span = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
-            ids[i, span] = torch.tensor(r)
-            mask[i, span] = 1
-            lab[i, span] = torch.tensor(lb)
-        hist = torch.full((len(rows), max_history), pad_id, dtype=torch.long)
-        for i, h in enumerate(histories):
-            hist[i, : len(h)] = torch.tensor(list(h)[-max_history:])
+        lengths = np.array([len(r) for r in rows])  # (B,)
+        width = int(lengths.max())
+        pos = np.arange(width)[None, :]  # (1, T)
+        real = pos < lengths[:, None] if padding_side == "right" else pos >= (width - lengths)[:, None]  # (B, T)
+        # boolean assignment fills row by row, left to right: each row's tokens land in its real span
+        ids = np.full(real.shape, self.pad_id, dtype=np.int64)
+        ids[real] = np.concatenate(rows)
+        lab = np.full(real.shape, -100, dtype=np.int64)
+        lab[real] = np.concatenate(labels)
+        kept = [list(h)[-max_history:] for h in histories]
+        hist = np.full((len(rows), max_history), pad_id, dtype=np.int64)
+        hist[np.arange(max_history)[None, :] < np.array([len(h) for h in kept])[:, None]] = np.concatenate(
+            [np.asarray(h, dtype=np.int64) for h in kept]
+        )  # (B, L) right-padded
+        ids, mask, lab, hist = (torch.from_numpy(a) for a in (ids, real.astype(np.int64), lab, hist))
         return PromptBatch(
             input_ids=ids,
             attention_mask=mask,

@@ -9,8 +9,10 @@ by score-mode evaluation (without).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .model import ILoraModel
@@ -20,13 +22,11 @@ from .prompt import PromptBatch, PromptBuilder
 def pad_answers(builder: PromptBuilder, items: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B*C, La) answer ids (`` title<eos>``), right-padded, and their mask, in row-major (b, c) order."""
     flat = [builder.answer_ids(int(i)) for row in items for i in row]
-    width = max(len(a) for a in flat)
-    ids = torch.full((len(flat), width), builder.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(flat), width), dtype=torch.long)
-    for k, a in enumerate(flat):
-        ids[k, : len(a)] = torch.tensor(a)
-        mask[k, : len(a)] = 1
-    return ids, mask
+    lengths = np.fromiter((len(a) for a in flat), dtype=np.int64, count=len(flat))  # (B*C,)
+    mask = np.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (B*C, La)
+    ids = np.full(mask.shape, builder.pad_id, dtype=np.int64)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.int64)  # row-major: answer by answer
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def candidate_logprobs(

@@ -63,8 +63,10 @@ def main() -> None:
     from ilora_cli.evaluation.evaluate import resolve_run
 
     rows = [summarise_run(resolve_run(r)) for r in args.runs]
-    print(f"{'run':<18}{'rows':>6}{'min':>6}  {'default HR@1 / MRR':>22}  {'LLM HR@1 / MRR':>22}  "
-          f"{'encoder HR@1 / MRR':>22}  p(fused=enc)  p(LLM=enc)")
+    print(
+        f"{'run':<18}{'rows':>6}{'min':>6}  {'default HR@1 / MRR':>22}  {'LLM HR@1 / MRR':>22}  "
+        f"{'encoder HR@1 / MRR':>22}  p(fused=enc)  p(LLM=enc)"
+    )
     for r in rows:
         m = r["metrics"]
         cell = {k: f"{m[k]['hr@1']['mean']:.3f}±{m[k]['hr@1']['std']:.3f} / {m[k]['mrr']['mean']:.3f}" for k in m}

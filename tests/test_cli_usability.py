@@ -104,6 +104,10 @@ def test_logs_are_plain_lines_without_third_party_noise(tiny_world, tmp_path):
     )
     assert enc.returncode == 0, enc.stderr
     assert re.search(r"^encode sasrec \d+/\d+ \(\d+%\)  epoch 1 .*elapsed 0:00:\d\d", enc.stderr, re.M), enc.stderr
+    # the last validation stays on the lines of the next epoch instead of being overwritten by its losses
+    assert re.search(
+        r"^encode sasrec .*epoch 2 loss [\d.]+  val \S+ [\d.]+ \(best [\d.]+ @ epoch 1\)", enc.stderr, re.M
+    )
     tr = subprocess.run(
         [
             *cmd,

@@ -235,6 +235,7 @@ def _fit(
     history: list[dict[str, Any]] = []
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, best_value, stale, train_seconds = 0, None, 0, 0.0
+    val_info = ""  # the last validation, kept on every progress line until the next one
     with console.progress(disable=config.quiet) as bar:
         task = bar.add_task(f"encode {config.model}", total=config.epochs * steps, info="")
         for epoch in range(1, config.epochs + 1):
@@ -253,7 +254,7 @@ def _fit(
                 total += loss.detach() * len(idx)
                 if step % 20 == 19 or step == steps - 1:
                     done = (epoch - 1) * steps + step + 1
-                    bar.update(task, completed=done, info=f"epoch {epoch} loss {loss.item():.4f}")
+                    bar.update(task, completed=done, info=f"epoch {epoch} loss {loss.item():.4f}{val_info}")
             train_seconds += time.perf_counter() - started
             record: dict[str, Any] = {"epoch": epoch, "loss": float(total) / n}
             if not math.isfinite(record["loss"]):
@@ -270,11 +271,8 @@ def _fit(
                 best_state, best_epoch, best_value, stale = copy.deepcopy(model.state_dict()), epoch, value, 0
             else:
                 stale += 1
-            bar.update(
-                task,
-                info=f"epoch {epoch} loss {record['loss']:.4f} val {config.monitor} {value:.4f} "
-                f"(best {best_value:.4f} @ {best_epoch})",
-            )
+            val_info = f"  val {config.monitor} {value:.4f} (best {best_value:.4f} @ epoch {best_epoch})"
+            bar.update(task, info=f"epoch {epoch} loss {record['loss']:.4f}{val_info}")
             if config.patience and stale >= config.patience:
                 break
         bar.update(task, total=epoch * steps, completed=epoch * steps)

@@ -86,3 +86,11 @@ def test_gpu_bf16_and_4bit_training_step(tiny_world):
             out, _ = model(batch)
         out.loss.backward()
         assert torch.isfinite(out.loss)
+
+
+def test_an_unknown_hub_id_is_one_sentence_without_the_download_retries():
+    """Not a directory, not cached: one question to the hub (unreachable here, or answering "no such model")."""
+    with pytest.raises(UserError, match="is neither a directory nor in the Hugging Face cache, and the hub"):
+        load_backbone(BackboneSpec("nobody-xyz/no-such-model"))
+    with pytest.raises(UserError, match="there is no such directory"):
+        load_backbone(BackboneSpec("/no/such/backbone/dir"))

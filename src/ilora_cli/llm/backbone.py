@@ -118,6 +118,8 @@ def load_backbone(spec: BackboneSpec):
         )
         kwargs["dtype"] = dtype
         kwargs["device_map"] = {"": spec.device if spec.device != "cuda" else 0}
+    if not spec.is_default:
+        check_hub_source(str(source))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         # Candidate scoring passes its own 4-D attention mask, which the sdpa and eager kernels accept
@@ -141,6 +143,36 @@ def load_backbone(spec: BackboneSpec):
         model.to(spec.device)
     check_packed_scoring(model, str(source))
     return model, tokenizer
+
+
+def check_hub_source(source: str) -> None:
+    """A hub id that is not in the local cache: ask the hub once, so that a missing model or an unreachable
+    hub is one quick sentence (the downloads themselves retry for about a minute before giving up)."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    if Path(source).exists():
+        return
+    try:
+        if huggingface_hub.try_to_load_from_cache(source, "config.json") is not None:
+            return
+    except HFValidationError:
+        raise UserError(f"Could not load the backbone {source}: there is no such directory.") from None
+    where = f"Could not load the backbone {source}: it is neither a directory nor in the Hugging Face cache"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UserError(f"{where}, and HF_HUB_OFFLINE is set.")
+    try:
+        huggingface_hub.model_info(source, timeout=10)
+    except GatedRepoError:
+        return  # gated: the download below uses the user's token, or says why it cannot
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"{where}, and the hub has no such model (or it is private: log in first).") from None
+    except huggingface_hub.errors.HfHubHTTPError:
+        return  # the hub answered with another error: let the download try and report
+    except Exception as exc:  # no network: DNS, connection or timeout errors of the HTTP client
+        raise UserError(
+            f"{where}, and the hub cannot be reached ({type(exc).__name__}); pass a local directory."
+        ) from None
 
 
 def packed_scoring_error(model) -> float | None:

@@ -1,16 +1,17 @@
 """The default `ilora train` at a CPU budget, several seeds: the run's ranking against its encoder, with tests.
 
     for s in 1 2 3; do
-      ilora train --dataset lastfm --name cpu-default-s$s --seed $s --max-train-samples 960 --json
-      ilora eval --run cpu-default-s$s --json
+      ilora train --dataset lastfm --name cpu-768-s$s --seed $s --max-train-samples 768 --json
+      ilora eval --run cpu-768-s$s --json
     done
-    python bench/bench_default.py cpu-default-s1 cpu-default-s2 cpu-default-s3
+    python bench/bench_default.py cpu-768-s1 cpu-768-s2 cpu-768-s3
 
 For each run it reads the training summary (``ilora.json``, ``logs/train.jsonl``) and the score-mode
 predictions that ``ilora eval`` wrote on val (all stored draws), and reports HR@1 and MRR of the default
 ranking (fused), the LLM alone and the encoder alone, each mean ± std over the draws, plus a paired sign-flip
 permutation test over users of the per-user reciprocal rank (mean over the draws): fused against the
-encoder, and the LLM alone against the encoder.
+encoder, and the LLM alone against the encoder. With several runs on the same rows, the same tests on each
+user's reciprocal rank averaged over the runs too (``pooled``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def summarise_run(run_dir: Path) -> dict:
     agg = {k: metrics.aggregate(v) for k, v in by_draw.items()}
     rr = per_user_rr(predictions)
     return {
+        "rr": rr,
         "run": run_dir.name,
         "steps": info["training"]["steps"],
         "samples": info["training"]["samples_seen"],
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="run names (under $ILORA_HOME/runs) or directories")
     ap.add_argument("--out", default="default-lastfm-cpu")
     args = ap.parse_args()
+    from ilora_cli import metrics
     from ilora_cli.evaluation.evaluate import resolve_run
 
     rows = [summarise_run(resolve_run(r)) for r in args.runs]
@@ -79,7 +82,24 @@ def main() -> None:
         for k in ("default", "llm", "encoder")
     }
     print("mean over runs:", json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in means.items()}))
-    write_result(args.out, {"runs": rows, "mean_over_runs": means})
+    pooled = None
+    if len(rows) > 1:
+        if len({tuple(r["rr"]["sample_id"]) for r in rows}) != 1:
+            raise SystemExit("the runs were evaluated on different rows; they cannot be pooled")
+        rr = {k: np.mean([r["rr"][k] for r in rows], axis=0) for k in ("default", "llm", "encoder")}
+        pooled = {
+            "fused_vs_encoder": metrics.paired_permutation_test(rr["default"], rr["encoder"]),
+            "llm_vs_encoder": metrics.paired_permutation_test(rr["llm"], rr["encoder"]),
+            "fused_minus_encoder_mrr": float(np.mean(rr["default"] - rr["encoder"])),
+        }
+        print(
+            f"pooled over the runs, per-user MRR: fused − encoder {pooled['fused_minus_encoder_mrr']:+.4f} "
+            f"(p = {pooled['fused_vs_encoder']['p_value']:.3f}), LLM − encoder "
+            f"{float(np.mean(rr['llm'] - rr['encoder'])):+.4f} (p = {pooled['llm_vs_encoder']['p_value']:.2g})"
+        )
+    for r in rows:
+        del r["rr"]
+    write_result(args.out, {"runs": rows, "mean_over_runs": means, "pooled": pooled})
 
 
 if __name__ == "__main__":

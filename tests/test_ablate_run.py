@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from ilora_cli.ablation.analysis import AnalysisConfig, cluster_gradients, gradient_conflict, user_representations
+from ilora_cli.ablation.analysis import (
+    AnalysisConfig,
+    cluster_gradients,
+    cosine_matrix,
+    gradient_conflict,
+    user_representations,
+)
 from ilora_cli.ablation.config import resolve_ablation
 from ilora_cli.ablation.runner import run_ablation
 from ilora_cli.data.prepared import PreparedDataset, write_prepared
@@ -267,3 +273,14 @@ def test_gradient_conflict_on_a_tiny_model(grid, tiny_world, tmp_path, monkeypat
     two = cluster_gradients(run, runs / "k2", split, rows, AnalysisConfig(run="k2", batch_size=2))
     np.testing.assert_allclose(one["gradient_norms"], two["gradient_norms"], rtol=1e-3)
     np.testing.assert_allclose(one["similarity"], two["similarity"], atol=1e-4)
+
+
+def test_cosine_matrix_is_exact_for_millions_of_heavy_tailed_weights():
+    """A cosine with itself is 1 and the matrix matches float64 by hand (float32 products were off by 1e-4)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 2_000_000, generator=gen) * torch.exp(3 * torch.randn(3, 2_000_000, generator=gen))
+    s = cosine_matrix(g)
+    np.testing.assert_allclose(np.diag(s), 1.0, atol=1e-12)
+    a, b = g[0].double().numpy(), g[2].double().numpy()
+    assert s[0, 2] == pytest.approx(a @ b / np.sqrt((a @ a) * (b @ b)), abs=1e-12)
+    np.testing.assert_array_equal(s, s.T)

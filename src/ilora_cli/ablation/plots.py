@@ -54,6 +54,7 @@ def write_plots(directory: Path, doc: dict[str, Any], curves: dict[str, list[tup
                 steps, losses = zip(*points)
                 ax.plot(steps, losses, label=name, linewidth=1.2)
         ax.set_xlabel("optimisation step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("training loss")
         ax.set_title("Training loss of every run")
         ax.legend(fontsize=7)
@@ -121,7 +122,8 @@ def heatmap(
     matrix = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * matrix.shape[1], 0.8 + 0.6 * matrix.shape[0]))
     im = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax)
-    ax.set_xticks(range(matrix.shape[1]), xlabels)
+    tilt = max(map(len, xlabels), default=0) > 4  # long labels overlap side by side
+    ax.set_xticks(range(matrix.shape[1]), xlabels, rotation=45 if tilt else 0, ha="right" if tilt else "center")
     ax.set_yticks(range(matrix.shape[0]), ylabels)
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):

@@ -60,9 +60,14 @@ def _kill_at_random(args: list[str], home: Path, window: tuple[float, float]) ->
     return delay
 
 
-def _kill_during_write(args: list[str], home: Path, folder: Path, prefix: str) -> bool:
+def _kill_during_write(args: list[str], home: Path, folder: Path, prefix: str, tries: int = 8) -> bool:
     """Start the command and SIGKILL it as soon as a temporary ``prefix*`` appears in ``folder`` (a write in
-    progress); returns whether it was caught writing (False: it finished first)."""
+    progress); returns whether it was caught writing. A small artifact is written in a few milliseconds, so
+    the command is started again (up to ``tries`` times) when it finished before the poll saw the write."""
+    return any(_kill_during_one_write(args, home, folder, prefix) for _ in range(tries))
+
+
+def _kill_during_one_write(args: list[str], home: Path, folder: Path, prefix: str) -> bool:
     proc = _start(args, home)
     caught = False
     while proc.poll() is None:

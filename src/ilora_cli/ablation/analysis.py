@@ -206,7 +206,8 @@ def cluster_gradients(run, directory: Path, split: SplitData, rows: list[list[in
         grads.append(torch.cat([p.grad.detach().float().flatten() for p in lora]).cpu())  # (P,)
         gates.append((gate_sum / len(members)).cpu().numpy())
         losses.append(loss_sum / len(members))
-    similarity = cosine_matrix(torch.stack(grads))  # (k, k)
+    g = torch.stack(grads)  # (k, P)
+    similarity = cosine_matrix(g)  # (k, k)
     k = len(rows)
     off = similarity[~np.eye(k, dtype=bool)]
     experts = run.info["experts"]

@@ -24,7 +24,8 @@ import numpy as np
 from common import write_result
 
 
-def summarise_run(run_dir: Path) -> dict:
+def summarise_run(run_dir: Path) -> tuple[dict, dict]:
+    """The per-user reciprocal ranks (``per_user_rr``) and the run's summary."""
     from ilora_cli import metrics
     from ilora_cli.ablation.significance import per_user_rr
 
@@ -41,8 +42,7 @@ def summarise_run(run_dir: Path) -> dict:
             by_draw[name].append(metrics.ranking_metrics(ranks))
     agg = {k: metrics.aggregate(v) for k, v in by_draw.items()}
     rr = per_user_rr(predictions)
-    return {
-        "rr": rr,
+    return rr, {
         "run": run_dir.name,
         "steps": info["training"]["steps"],
         "samples": info["training"]["samples_seen"],
@@ -65,7 +65,7 @@ def main() -> None:
     from ilora_cli import metrics
     from ilora_cli.evaluation.evaluate import resolve_run
 
-    rows = [summarise_run(resolve_run(r)) for r in args.runs]
+    rrs, rows = zip(*(summarise_run(resolve_run(r)) for r in args.runs))
     print(
         f"{'run':<18}{'rows':>6}{'min':>6}  {'default HR@1 / MRR':>22}  {'LLM HR@1 / MRR':>22}  "
         f"{'encoder HR@1 / MRR':>22}  p(fused=enc)  p(LLM=enc)"
@@ -84,22 +84,19 @@ def main() -> None:
     print("mean over runs:", json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in means.items()}))
     pooled = None
     if len(rows) > 1:
-        if len({tuple(r["rr"]["sample_id"]) for r in rows}) != 1:
+        if len({tuple(rr["sample_id"]) for rr in rrs}) != 1:
             raise SystemExit("the runs were evaluated on different rows; they cannot be pooled")
-        rr = {k: np.mean([r["rr"][k] for r in rows], axis=0) for k in ("default", "llm", "encoder")}
+        mean_rr = {k: np.mean([rr[k] for rr in rrs], axis=0) for k in ("default", "llm", "encoder")}
         pooled = {
-            "fused_vs_encoder": metrics.paired_permutation_test(rr["default"], rr["encoder"]),
-            "llm_vs_encoder": metrics.paired_permutation_test(rr["llm"], rr["encoder"]),
-            "fused_minus_encoder_mrr": float(np.mean(rr["default"] - rr["encoder"])),
+            "fused_vs_encoder": metrics.paired_permutation_test(mean_rr["default"], mean_rr["encoder"]),
+            "llm_vs_encoder": metrics.paired_permutation_test(mean_rr["llm"], mean_rr["encoder"]),
         }
+        fused, llm = pooled["fused_vs_encoder"], pooled["llm_vs_encoder"]
         print(
-            f"pooled over the runs, per-user MRR: fused − encoder {pooled['fused_minus_encoder_mrr']:+.4f} "
-            f"(p = {pooled['fused_vs_encoder']['p_value']:.3f}), LLM − encoder "
-            f"{float(np.mean(rr['llm'] - rr['encoder'])):+.4f} (p = {pooled['llm_vs_encoder']['p_value']:.2g})"
+            f"pooled over the runs, per-user MRR: fused − encoder {fused['mean_difference']:+.4f} "
+            f"(p = {fused['p_value']:.3f}), LLM − encoder {llm['mean_difference']:+.4f} (p = {llm['p_value']:.2g})"
         )
-    for r in rows:
-        del r["rr"]
-    write_result(args.out, {"runs": rows, "mean_over_runs": means, "pooled": pooled})
+    write_result(args.out, {"runs": list(rows), "mean_over_runs": means, "pooled": pooled})
 
 
 if __name__ == "__main__":

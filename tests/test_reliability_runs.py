@@ -385,12 +385,13 @@ def test_recommend_batch_answers_good_lines_and_numbers_bad_ones(world, tmp_path
         Recommender(RecommendConfig(run="rel-full", user_history=users, candidates=empty, device="cpu"))
 
 
-def test_a_full_disk_while_appending_to_the_training_log_is_one_sentence(tmp_path):
-    from ilora_cli.training.loop import _append_line
+def test_a_full_disk_while_appending_to_a_log_is_one_sentence(tmp_path):
+    """The training, validation and ablation logs are appended through one function."""
+    from ilora_cli.home import append_json_line
 
     log = tmp_path / "train.jsonl"
     log.write_text("x" * 4000 + "\n")
-    with file_size_limit(4096), pytest.raises(UserError, match="Could not write the training log .* --resume"):
-        _append_line(log, {"step": 1, "loss": 0.5, "padding": "y" * 200})
-    _append_line(log, {"step": 1})  # with room again, it appends
+    with file_size_limit(4096), pytest.raises(UserError, match="Could not write the log .* pass --resume"):
+        append_json_line(log, {"step": 1, "loss": 0.5, "padding": "y" * 200}, "pass --resume.")
+    append_json_line(log, {"step": 1}, "pass --resume.")  # with room again, it appends
     assert log.read_text().splitlines()[-1] == '{"step": 1}'

@@ -150,6 +150,21 @@ def disk_error(exc: BaseException) -> str | None:
     return None
 
 
+def append_json_line(path: Path, record: dict, then: str) -> None:
+    """Append one JSON line to a log. A full disk is one sentence ending in ``then`` (what to do next), and the
+    log is cut back to its last whole line, so that whatever reads it later (``--resume``) still can."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        reason = disk_error(exc)
+        if reason is None:
+            raise
+        os.truncate(path, size)
+        raise UserError(f"Could not write the log {path} ({reason}); {then}") from None
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target`` and rename it into place on success.

@@ -29,6 +29,7 @@ from ..config import resolve, to_dict
 from ..console import err
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
+from ..home import append_json_line
 from .config import AblateConfig
 from .grid import Cell, axes_of, expand, reference_cell
 
@@ -281,8 +282,11 @@ def _train(p: Plan, cell: Cell) -> bool:
         "objective": config.objective,
         "prompt": config.prompt,
     }
-    with open(p.directory / "logs" / f"{cell.train_key}.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(attempt) + "\n")
+    append_json_line(
+        p.directory / "logs" / f"{cell.train_key}.jsonl",
+        attempt,
+        "free some space and run the same command again: it resumes.",
+    )
     return bool(summary["complete"])
 
 

@@ -149,7 +149,7 @@ def check_hub_source(source: str) -> None:
     """A hub id that is not in the local cache: ask the hub once, so that a missing model or an unreachable
     hub is one quick sentence (the downloads themselves retry for about a minute before giving up)."""
     import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 
     if Path(source).exists():
         return
@@ -167,7 +167,7 @@ def check_hub_source(source: str) -> None:
         return  # gated: the download below uses the user's token, or says why it cannot
     except (RepositoryNotFoundError, HFValidationError):
         raise UserError(f"{where}, and the hub has no such model (or it is private: log in first).") from None
-    except huggingface_hub.errors.HfHubHTTPError:
+    except HfHubHTTPError:
         return  # the hub answered with another error: let the download try and report
     except Exception as exc:  # no network: DNS, connection or timeout errors of the HTTP client
         raise UserError(

@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from ..config import check_minimums, check_range, to_dict
 from ..console import err, progress
 from ..devices import check_device, resolve_device
 from ..errors import UserError
-from ..home import check_name
+from ..home import append_json_line, check_name
 from ..home import run_dir as named_run_dir
 from ..llm.experts import GATE_TYPES
 from ..llm.prompt import TEMPLATE_SETS
@@ -31,6 +30,7 @@ OBJECTIVES = ("rank", "generate")
 PROMPTS = ("hybrid", "text")
 FUSIONS = ("learned", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
+_RESUME_HINT = "the last checkpoint is intact: free some space and pass --resume."
 DEFAULT_DISTILL_WEIGHT = 0.0  # the rank objective's distillation weight (docs/BENCHMARKS.md: the measurement)
 
 
@@ -633,7 +633,7 @@ class Trainer:
         }
         if self.unwrapped.fusion is not None:
             record["fusion"] = self.unwrapped.fusion.weights()
-        _append_line(self.log_file, record)
+        append_json_line(self.log_file, record, _RESUME_HINT)
         scalars = {f"train/{k}": v for k, v in record.items() if k not in ("step", "fusion", "seconds")}
         scalars.update({f"train/fusion_{k}": v for k, v in record.get("fusion", {}).items()})
         self.accelerator.log(scalars, step=step)
@@ -800,7 +800,7 @@ class Trainer:
                 "val_draws": int(self._val_split.candidates.shape[1]),
                 "val_seconds": round(time.perf_counter() - t0, 3),
             }
-            _append_line(self.run_dir / "logs" / "validation.jsonl", result)
+            append_json_line(self.run_dir / "logs" / "validation.jsonl", result, _RESUME_HINT)
             self.accelerator.log(
                 {f"val/{name}_{m}": v for name, ms in result["val"].items() for m, v in ms.items()}, step=step
             )
@@ -934,25 +934,6 @@ def weights_digest(model) -> str:
             h.update(name.encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _append_line(log_file: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to a training log; a full disk is one sentence (the checkpoints are intact)."""
-    from ..home import disk_error
-
-    size = log_file.stat().st_size if log_file.exists() else 0
-    try:
-        with open(log_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-    except OSError as exc:
-        reason = disk_error(exc)
-        if reason is None:
-            raise
-        os.truncate(log_file, size)  # no half-written line: the log stays readable for --resume
-        raise UserError(
-            f"Could not write the training log {log_file} ({reason}); the last checkpoint is intact: "
-            "free some space and pass --resume."
-        ) from None
 
 
 def _truncate_log(log_file: Path, step: int) -> None:

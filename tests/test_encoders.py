@@ -182,7 +182,12 @@ def test_sasrec_learns_the_pattern(home):
     result = encode(EncodeConfig(dataset="tiny", **{**FAST, "epochs": 4}))
     val = result["metrics"]["val"]
     assert val["hr@1"]["mean"] > 0.6  # random: 1 / 10
-    assert set(result["metrics"]) == {"val", "test"}
+    # the rows it fitted and the rows it left to the second stage (the default holdout), one draw each
+    assert set(result["metrics"]) == {"val", "test", "fitted", "second_stage"}
+    held = result["holdout"]
+    assert result["metrics"]["second_stage"]["rows"] == min(2000, held["second_stage_rows"])
+    assert result["metrics"]["fitted"]["rows"] == min(2000, held["encoder_rows"]) == min(2000, result["train_rows"])
+    assert result["metrics"]["fitted"]["hr@1"]["n_draws"] == 1
     assert result["encoder_dir"] == str(home / "encoders" / "tiny-sasrec")
     assert result["model"] == "sasrec" and 1 <= result["best_epoch"] <= result["epochs_run"] == 4
     assert result["seconds_per_epoch"] > 0

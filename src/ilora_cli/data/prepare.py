@@ -13,6 +13,7 @@ from ..console import err
 from ..errors import UserError
 from ..home import check_name, dataset_dir
 from .formats import FORMATS, loader
+from .holdout import DEFAULT_HOLDOUT, Holdout
 from .prepared import write_prepared
 from .source import MIN_HISTORY
 
@@ -37,6 +38,8 @@ class PrepareConfig:
     min_history: int = MIN_HISTORY  # drop samples with fewer history items
     max_history: int = 10  # history items kept per sample (raw formats)
     domain: str | None = None  # prompt template family (music, movies, games, generic); format default if unset
+    holdout: str = DEFAULT_HOLDOUT  # train rows the encoder does not fit, for the second stage: users:F (a seeded
+    # fraction of the training users), last:N (each user's last N rows) or none (data/holdout.py)
     # synthetic generator sizes
     synthetic_users: int = 600  # users in the synthetic dataset
     synthetic_items: int = 240  # items in the synthetic dataset
@@ -52,6 +55,7 @@ class PrepareConfig:
             raise UserError(f"Unknown domain {self.domain!r}; choose music, movies, games or generic.")
         check_minimums(self, {"max_history": 1, "min_history": 1, "candidates": 2, "draws": 1, "seed": 0})
         check_range(self, "draws", high=MAX_DRAWS)
+        self.holdout = Holdout.parse(self.holdout).spec
         if self.format == "synthetic":
             from .formats.synthetic import MAX_ITEMS, MIN_ITEMS
 
@@ -96,6 +100,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         seed=config.seed,
         min_history=config.min_history,
         overwrite=config.overwrite,
+        holdout=config.holdout,
     )
     meta["path"] = str(out_dir)
     return meta

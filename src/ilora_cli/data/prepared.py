@@ -47,6 +47,17 @@ class SplitData:
     def histories(self) -> list[list[int]]:
         return [self.seq[i, : self.len_seq[i]].tolist() for i in range(len(self))]
 
+    def select(self, rows: np.ndarray) -> SplitData:
+        """The rows ``rows`` (indices, in that order) as a split of their own."""
+        return SplitData(
+            self.name,
+            self.sample_id[rows],
+            self.seq[rows],
+            self.len_seq[rows],
+            self.next[rows],
+            None if self.candidates is None else self.candidates[rows],
+        )
+
 
 def _sha256_arrays(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
@@ -148,6 +159,31 @@ class PreparedDataset:
         )
 
 
+def _holdout_counts(train: Rows, spec: str | None, seed: int) -> dict[str, Any]:
+    """The holdout spec and how many train rows and users it leaves to each stage (as ``partition`` computes it)."""
+    from .holdout import Holdout, chain_users, second_stage_mask
+
+    holdout = Holdout.parse(spec)
+    if train.user is not None and len(train.user) and (train.user >= 0).all():
+        users = train.user
+    else:
+        users = chain_users(train.seq, train.len_seq, train.next)
+    mask = second_stage_mask(users, holdout, seed)
+    n_users = len(np.unique(users))
+    second = int(mask.sum())
+    if holdout.active and second in (0, len(mask)):
+        raise UserError(
+            f"holdout {holdout.spec} leaves {len(mask) - second} training rows to the encoder and {second} to the "
+            "second stage; choose another --holdout or holdout=none."
+        )
+    return {
+        "spec": holdout.spec,
+        "encoder_rows": len(mask) - second if holdout.active else len(mask),
+        "second_stage_rows": second,
+        "users": int(n_users),
+    }
+
+
 def history_histogram(len_seq: np.ndarray, max_history: int) -> dict[str, int]:
     counts = np.bincount(len_seq, minlength=max_history + 1)
     return {str(k): int(counts[k]) for k in range(len(counts)) if counts[k]}
@@ -162,8 +198,12 @@ def write_prepared(
     seed: int = 42,
     min_history: int = MIN_HISTORY,
     overwrite: bool = False,
+    holdout: str | None = None,
 ) -> dict[str, Any]:
-    """Filter, draw candidates, and write a prepared dataset atomically. Returns its meta document."""
+    """Filter, draw candidates, and write a prepared dataset atomically. Returns its meta document.
+
+    ``holdout`` (default :data:`~.holdout.DEFAULT_HOLDOUT`) is recorded with the counts of train rows it leaves
+    to the encoder and to the second stage (data/holdout.py)."""
     import datasets
     from datasets import Dataset, Features, Sequence, Value
 
@@ -197,6 +237,7 @@ def write_prepared(
     if "train" not in kept or len(kept["train"]) == 0:
         raise UserError(f"The dataset has no training samples with at least {min_history} history items.")
     max_history = kept["train"].seq.shape[1]
+    split_of_rows = _holdout_counts(kept["train"], holdout, seed)
 
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -214,6 +255,7 @@ def write_prepared(
         "splits": {s: len(r) for s, r in kept.items()},
         "raw_rows": raw_counts,
         "history_lengths": {s: history_histogram(r.len_seq, max_history) for s, r in kept.items()},
+        "holdout": split_of_rows,
         "tool_version": __version__,
         "notes": list(source.notes),
     }

@@ -26,6 +26,7 @@ import numpy as np
 from ..console import err
 from ..errors import UserError
 from .candidates import SPLIT_CODES
+from .holdout import train_users
 from .prepared import PreparedDataset, SplitData, _sha256_arrays, history_histogram
 
 EXTRA_DIR = "extra_candidates"
@@ -119,29 +120,6 @@ def _write_extra(path: Path, cands: np.ndarray, sample_id: np.ndarray, checksum:
 
 
 # -- fewer training users ----------------------------------------------------------------------------
-def train_users(dataset: PreparedDataset) -> tuple[np.ndarray, str]:
-    """(N,) a user index per train row, and where it comes from.
-
-    Formats without user ids (the LLaRA files) list each user's prefix windows one after the other; a row
-    continues the previous one when its history is the previous history plus the previous target (the
-    oldest item dropped once the window is full), so consecutive windows are chained into users.
-    """
-    from datasets import load_from_disk
-
-    table = load_from_disk(str(dataset.path / "train")).data.table
-    users = table.column("user").to_numpy().astype(np.int64)
-    if (users >= 0).all():
-        return users, "user ids"
-    split = dataset.split("train")
-    out = np.zeros(len(split), dtype=np.int64)
-    width = split.seq.shape[1]
-    for i in range(1, len(split)):
-        previous = split.seq[i - 1, : split.len_seq[i - 1]].tolist() + [int(split.next[i - 1])]
-        same = previous[-width:] == split.seq[i, : split.len_seq[i]].tolist()
-        out[i] = out[i - 1] if same else out[i - 1] + 1
-    return out, "reconstructed from consecutive prefix windows"
-
-
 def user_subset(dataset: PreparedDataset, fraction: float, seed: int, out_dir: Path) -> PreparedDataset:
     """A copy of ``dataset`` in ``out_dir`` whose train split keeps a seeded ``fraction`` of the training users.
 

@@ -73,3 +73,31 @@ def evaluate_encoder(
     ):
         out[name] = {"mean": value, "std": 0.0, "n_draws": 1}
     return out
+
+
+def training_rows_metrics(
+    model: SequentialEncoder,
+    split: SplitData,
+    rows: np.ndarray,
+    n_items: int,
+    n_candidates: int,
+    seed: int,
+    max_rows: int = 2000,
+) -> dict[str, Any]:
+    """Sampled metrics on training rows (one seeded draw of uniform candidates, at most ``max_rows`` rows).
+
+    What the encoder's scores look like on the rows a second stage learns from: on rows it was fitted on they
+    all but give the answer away (data/holdout.py); on held-out rows they should look like validation.
+    """
+    from ..data.candidates import draw_candidates
+
+    rows = np.asarray(rows)
+    if len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng([seed, 0xD1A6]).choice(rows, size=max_rows, replace=False))
+    part = split.select(rows)
+    part.candidates = draw_candidates(
+        part.seq, part.len_seq, part.next, part.sample_id, n_items, n_candidates, 1, seed, "train"
+    )
+    out = {"rows": int(len(rows))}
+    out.update(evaluate_encoder(model, part, n_items))
+    return out

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 
 from .. import console
 from ..config import check_minimums, check_range, to_dict
+from ..data.holdout import Holdout, partition
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
 from ..home import atomic_directory, check_name, encoder_dir
 from . import ENCODERS
 from .base import SequentialEncoder
-from .evaluate import evaluate_encoder
+from .evaluate import evaluate_encoder, training_rows_metrics
 from .io import build_encoder, save_encoder
 
 LOSSES = ("ce", "bce")
@@ -65,6 +66,8 @@ class EncodeConfig:
     epochs: int = 100  # at most this many passes over the train split
     patience: int = 10  # stop after this many epochs without a better monitor value (0: never stop early)
     monitor: str = "mrr"  # validation metric for early stopping (its mean over the candidate draws)
+    holdout: str | None = None  # train rows left out for the second stage: users:F, last:N or none (default: the
+    # dataset's, see data/holdout.py); none fits every row, which a second stage then learns on as well
     seed: int = 42  # initialisation, shuffling, dropout and negative sampling
     threads: int | None = None  # CPU threads for torch; None -> torch's default
     device: str = "cpu"  # cpu, cuda or cuda:N (deterministic on cpu)
@@ -102,6 +105,8 @@ class EncodeConfig:
         check_range(self, "dropout", low=0, high=1, high_open=True)
         check_range(self, "lr", low=0, low_open=True)
         check_range(self, "weight_decay", low=0)
+        if self.holdout is not None:
+            self.holdout = Holdout.parse(self.holdout).spec
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise UserError(f"device must be cpu, cuda or cuda:N; got {self.device!r}.")
 
@@ -160,7 +165,9 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         raise UserError(f"device {config.device!r} was requested but no CUDA device is available.")
     device = torch.device(config.device)
 
-    train = dataset.split("train")
+    full_train = dataset.split("train")
+    rows = partition(dataset, config.holdout)
+    train = full_train.select(rows.encoder_rows)
     val = dataset.split("val") if "val" in dataset.splits else None
     test = dataset.split("test") if "test" in dataset.splits else None
     if len(train) == 0:
@@ -191,6 +198,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         results["val"] = evaluate_encoder(model, val, dataset.n_items)
     if test is not None:
         results["test"] = evaluate_encoder(model, test, dataset.n_items)
+    results.update(_training_rows_results(model, dataset, full_train, rows, config.seed))
     epochs_run = len(history)
     summary = {
         "epochs_run": epochs_run,
@@ -200,11 +208,13 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "seconds_per_epoch": train_seconds / epochs_run,
         "seconds_total": train_seconds,
         "train_rows": len(train),
+        "holdout": rows.describe(),
         "history": history,
         "metrics": results,
     }
     info = {
         "dataset": {"name": dataset.name, "checksum": dataset.checksum, "path": str(dataset.path)},
+        "holdout": rows.describe(),
         "best_epoch": best_epoch,
         "training": {"config": to_dict(config), **summary},
     }
@@ -217,6 +227,20 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "dataset": dataset.name,
         **summary,
     }
+
+
+def _training_rows_results(model, dataset: PreparedDataset, train: SplitData, rows, seed: int) -> dict[str, Any]:
+    """The encoder on the rows it fitted (``fitted``) and on the rows left to the second stage (``second_stage``,
+    with a holdout): sampled metrics on one seeded draw of the dataset's candidate count, at most 2,000 rows."""
+    n_candidates = int(dataset.meta.get("n_candidates", 20))
+    if dataset.n_items - dataset.max_history - 1 < n_candidates - 1:
+        return {}
+    out = {"fitted": training_rows_metrics(model, train, rows.encoder_rows, dataset.n_items, n_candidates, seed)}
+    if rows.holdout.active:
+        out["second_stage"] = training_rows_metrics(
+            model, train, rows.second_stage_rows, dataset.n_items, n_candidates, seed
+        )
+    return out
 
 
 def _fit(

@@ -41,12 +41,15 @@ class TrainSamples:
         seed: int,
         max_samples: int | None = None,
         n_templates: int = len(TEMPLATES),
+        rows: np.ndarray | None = None,
     ):
+        """``rows``: the split's rows this run may train on (the second stage's rows of the holdout; default all);
+        ``max_samples`` then keeps a seeded subset of them."""
         if n_items - 1 - split.seq.shape[1] < n_candidates - 1:
             raise UserError(f"The catalogue ({n_items} items) is too small for {n_candidates} candidates.")
         self.split, self.n_items, self.n_candidates, self.seed = split, n_items, n_candidates, seed
         self.n_templates = n_templates
-        rows = np.arange(len(split))
+        rows = np.arange(len(split)) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
         if max_samples is not None and max_samples < len(rows):
             rows = np.sort(np.random.default_rng([seed, 0xC0FFEE]).permutation(rows)[:max_samples])
         self.rows = rows

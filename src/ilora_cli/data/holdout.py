@@ -1,0 +1,227 @@
+"""Which training rows the encoder fits, and which the second stage (LLM, head, fusion) learns from.
+
+A frozen encoder scores the rows it was trained on almost perfectly (SASRec on LastFM: HR@1 0.97 on its own
+training rows, 0.40 on new users), so a second stage trained on those rows learns that the encoder is always
+right. Like every stacked model, the second stage must learn on rows the first stage did not fit. The
+*holdout* divides the train split:
+
+- ``users:F`` — a seeded fraction F of the training users: all their rows go to the second stage and none to
+  the encoder, which therefore meets them as it meets validation users (never seen);
+- ``last:N`` — the last N rows (the latest transitions) of every training user go to the second stage; the
+  encoder fits the earlier ones;
+- ``none`` — the encoder fits every row, and the second stage trains on the same rows.
+
+The division is a pure function of the train split, the spec and the dataset's seed, so ``encode`` and
+``train`` compute the same rows independently; the encoder records a checksum of them, which ``train``
+checks. Users come from the dataset's user ids, or, for formats without them (the LLaRA files), from the
+chaining of consecutive prefix windows (:func:`train_users`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+DEFAULT_HOLDOUT = "users:0.2"  # measured against the alternatives in docs/BENCHMARKS.md (the holdout)
+NO_HOLDOUT = "none"
+_USER_STREAM = 0x5E7A  # keeps the holdout's random stream apart from the other seeded draws
+_SPEC = re.compile(r"^(users):(0?\.\d+|0|1(\.0*)?)$|^(last):(\d+)$|^(none)$")
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A parsed holdout spec: ``users:F``, ``last:N`` or ``none``."""
+
+    method: str  # users, last or none
+    value: float = 0.0  # the users' fraction, or the rows per user
+
+    @classmethod
+    def parse(cls, spec: str | None) -> Holdout:
+        text = str(spec if spec is not None else DEFAULT_HOLDOUT).strip().lower()
+        m = _SPEC.match(text)
+        if m is None:
+            raise UserError(
+                f"holdout must be users:F (a fraction of the training users, 0 < F < 1), last:N (each user's "
+                f"last N rows, N ≥ 1) or none; got {spec!r}."
+            )
+        if m.group(6):
+            return cls(NO_HOLDOUT)
+        if m.group(1):
+            fraction = float(m.group(2))
+            if not 0 < fraction < 1:
+                raise UserError(f"holdout users:F needs 0 < F < 1 (some users for each stage); got {spec!r}.")
+            return cls("users", fraction)
+        n = int(m.group(5))
+        if n < 1:
+            raise UserError(f"holdout last:N needs N ≥ 1; got {spec!r}.")
+        return cls("last", n)
+
+    @property
+    def spec(self) -> str:
+        if self.method == "users":
+            return f"users:{self.value:g}"
+        if self.method == "last":
+            return f"last:{int(self.value)}"
+        return NO_HOLDOUT
+
+    @property
+    def active(self) -> bool:
+        return self.method != NO_HOLDOUT
+
+
+def train_users(dataset) -> tuple[np.ndarray, str]:
+    """(N,) a user index per train row, and where it comes from.
+
+    Formats without user ids (the LLaRA files) list each user's prefix windows one after the other; a row
+    continues the previous one when its history is the previous history plus the previous target (the
+    oldest item dropped once the window is full), so consecutive windows are chained into users.
+    """
+    from datasets import load_from_disk
+
+    table = load_from_disk(str(dataset.path / "train")).data.table
+    users = table.column("user").to_numpy().astype(np.int64)
+    if len(users) and (users >= 0).all():
+        return users, "user ids"
+    split = dataset.split("train")
+    return chain_users(split.seq, split.len_seq, split.next), "reconstructed from consecutive prefix windows"
+
+
+def chain_users(seq: np.ndarray, len_seq: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """(N,) user indices of rows listed user by user as growing prefix windows (see :func:`train_users`)."""
+    n, width = seq.shape
+    out = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        previous = seq[i - 1, : len_seq[i - 1]].tolist() + [int(nxt[i - 1])]
+        same = previous[-width:] == seq[i, : len_seq[i]].tolist()
+        out[i] = out[i - 1] if same else out[i - 1] + 1
+    return out
+
+
+def second_stage_mask(users: np.ndarray, holdout: Holdout, seed: int) -> np.ndarray:
+    """(N,) True for the rows the second stage trains on, given each row's user (rows of a user in time order).
+
+    ``none``: every row. ``users:F``: every row of ``round(F · users)`` seeded users (at least one, and at
+    least one user left to the encoder). ``last:N``: the last N rows of every user.
+    """
+    n = len(users)
+    if not holdout.active:
+        return np.ones(n, dtype=bool)
+    distinct = np.unique(users)
+    if holdout.method == "users":
+        if len(distinct) < 2:
+            raise UserError(
+                f"holdout {holdout.spec} needs at least 2 training users; the train split has {len(distinct)}."
+            )
+        n_held = min(len(distinct) - 1, max(1, int(round(holdout.value * len(distinct)))))
+        held = np.random.default_rng([seed, _USER_STREAM]).permutation(distinct)[:n_held]
+        return np.isin(users, held)
+    # last:N — a row's rank from the end of its user's rows (rows of one user keep their order)
+    order = np.argsort(users, kind="stable")  # (N,) rows grouped by user, in file order inside a user
+    sorted_users = users[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]  # first position of each user's block
+    ends = np.r_[starts[1:], n]
+    from_end = np.empty(n, dtype=np.int64)
+    for s, e in zip(starts, ends):
+        from_end[order[s:e]] = np.arange(e - s)[::-1]  # 0 for the user's last row
+    return from_end < int(holdout.value)
+
+
+def rows_checksum(rows: np.ndarray) -> str:
+    """SHA-256 of a sorted array of row indices, so that two stages can check that they split the rows alike."""
+    return hashlib.sha256(np.ascontiguousarray(np.sort(rows).astype(np.int64)).tobytes()).hexdigest()
+
+
+def dataset_holdout(dataset) -> str:
+    """The holdout a prepared dataset asks for (its meta.json); datasets prepared before holdouts: the default."""
+    recorded = dataset.meta.get("holdout")
+    spec = recorded.get("spec") if isinstance(recorded, dict) else recorded
+    return Holdout.parse(spec).spec
+
+
+@dataclass
+class Partition:
+    """The train split divided between the encoder and the second stage."""
+
+    holdout: Holdout
+    encoder_rows: np.ndarray  # (N_e,) sorted row indices the encoder fits
+    second_stage_rows: np.ndarray  # (N_s,) sorted row indices the second stage trains on
+    users: int  # training users in all
+    second_stage_users: int  # users with at least one second-stage row
+    users_from: str  # user ids, or reconstructed
+
+    def describe(self) -> dict[str, Any]:
+        """What ``encoder.json``, ``ilora.json`` and reports record of the division."""
+        return {
+            "spec": self.holdout.spec,
+            "encoder_rows": int(len(self.encoder_rows)),
+            "second_stage_rows": int(len(self.second_stage_rows)),
+            "users": self.users,
+            "second_stage_users": self.second_stage_users,
+            "users_from": self.users_from,
+            "second_stage_sha256": rows_checksum(self.second_stage_rows),
+        }
+
+
+def partition(dataset, spec: str | None) -> Partition:
+    """Divide ``dataset``'s train split by the holdout ``spec`` (None: the dataset's own)."""
+    holdout = Holdout.parse(spec if spec is not None else dataset_holdout(dataset))
+    users, how = train_users(dataset)
+    mask = second_stage_mask(users, holdout, int(dataset.meta.get("seed", 0)))
+    all_rows = np.arange(len(users))
+    second = all_rows[mask]
+    encoder = all_rows if not holdout.active else all_rows[~mask]
+    if holdout.active and (len(encoder) == 0 or len(second) == 0):
+        raise UserError(
+            f"holdout {holdout.spec} leaves {len(encoder)} training rows to the encoder and {len(second)} to the "
+            f"second stage of {dataset.name!r}; choose another holdout or holdout=none."
+        )
+    return Partition(
+        holdout=holdout,
+        encoder_rows=encoder,
+        second_stage_rows=second,
+        users=int(len(np.unique(users))),
+        second_stage_users=int(len(np.unique(users[mask]))),
+        users_from=how,
+    )
+
+
+def second_stage_rows(
+    dataset, encoder_info: dict[str, Any], requested: str | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The train rows a second stage on this encoder trains on, and what ``ilora.json`` records of them.
+
+    ``requested`` None (or the encoder's own spec): the rows the encoder left out. ``none``: every row, the
+    encoder's included. Another spec than the encoder's is refused: its rows would overlap the encoder's.
+    Encoders of older versions record no holdout; they fitted every row.
+    """
+    recorded = encoder_info.get("holdout") if isinstance(encoder_info.get("holdout"), dict) else None
+    encoder_spec = Holdout.parse(recorded["spec"] if recorded else NO_HOLDOUT).spec
+    wanted = Holdout.parse(requested).spec if requested is not None else encoder_spec
+    where = encoder_info.get("path", "the encoder")
+    if wanted not in (encoder_spec, NO_HOLDOUT):
+        raise UserError(
+            f"The encoder {where} was trained with holdout {encoder_spec}, not {wanted}; leave holdout unset to "
+            f"train on the rows it left out, or train an encoder with `ilora encode holdout={wanted}`."
+        )
+    if wanted == NO_HOLDOUT:
+        rows = np.arange(len(train_users(dataset)[0]))
+    else:
+        part = partition(dataset, encoder_spec)
+        rows = part.second_stage_rows
+        if recorded.get("second_stage_sha256") not in (None, rows_checksum(rows)):
+            raise UserError(
+                f"The rows the encoder {where} left out (holdout {encoder_spec}) are not the ones this dataset gives "
+                "now; train the encoder again (`ilora encode --overwrite`)."
+            )
+    return rows, {
+        "spec": encoder_spec,
+        "train_rows_from": "the rows the encoder left out" if wanted != NO_HOLDOUT else "every training row",
+        "rows": int(len(rows)),
+        "encoder_saw_training_rows": wanted == NO_HOLDOUT,
+    }

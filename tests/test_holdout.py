@@ -1,0 +1,187 @@
+"""The holdout: the encoder fits some training rows, the second stage learns on the others (data/holdout.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ilora_cli.data.holdout import (
+    DEFAULT_HOLDOUT,
+    Holdout,
+    chain_users,
+    partition,
+    rows_checksum,
+    second_stage_mask,
+    second_stage_rows,
+)
+from ilora_cli.data.prepared import PreparedDataset, write_prepared
+from ilora_cli.errors import UserError
+
+from conftest import cycle_source, run_cli
+
+
+def test_specs_parse_and_bad_ones_are_one_sentence():
+    assert Holdout.parse("users:0.2") == Holdout("users", 0.2)
+    assert Holdout.parse(" LAST:3 ").spec == "last:3"
+    assert Holdout.parse("none").active is False
+    assert Holdout.parse(None).spec == DEFAULT_HOLDOUT
+    for bad in ("users:0", "users:1", "users:1.5", "last:0", "last:-1", "half", "users:abc", "last:2.5", ""):
+        with pytest.raises(UserError, match="holdout"):
+            Holdout.parse(bad)
+
+
+def test_users_holdout_takes_whole_users_and_is_seeded():
+    users = np.repeat(np.arange(10), [3, 1, 4, 2, 5, 1, 2, 3, 1, 2])  # (24,) rows of 10 users, user by user
+    mask = second_stage_mask(users, Holdout("users", 0.3), seed=7)
+    held = np.unique(users[mask])
+    assert len(held) == 3  # round(0.3 · 10) users, all their rows
+    assert set(np.flatnonzero(mask)) == set(np.flatnonzero(np.isin(users, held)))
+    assert np.array_equal(mask, second_stage_mask(users, Holdout("users", 0.3), seed=7))
+    assert not np.array_equal(mask, second_stage_mask(users, Holdout("users", 0.3), seed=8))
+    # never every user: at least one is left to the encoder
+    assert not second_stage_mask(np.array([0, 0, 1]), Holdout("users", 0.9), seed=0).all()
+
+
+def test_last_holdout_takes_each_users_latest_rows():
+    users = np.array([0, 0, 0, 0, 1, 1, 2, 3, 3, 3])
+    mask = second_stage_mask(users, Holdout("last", 2), seed=0)
+    assert mask.tolist() == [False, False, True, True, True, True, True, False, True, True]
+    # users need not be sorted: the order inside a user is the file order
+    interleaved = np.array([5, 6, 5, 6, 5])
+    assert second_stage_mask(interleaved, Holdout("last", 1), seed=0).tolist() == [False, False, False, True, True]
+    assert second_stage_mask(users, Holdout("none"), seed=0).all()
+
+
+def test_prefix_windows_chain_into_users():
+    pad = 9
+    seq = np.array(
+        [
+            [1, 2, 3, pad],  # user A: 1 2 3 -> 4
+            [1, 2, 3, 4],  # 1 2 3 4 -> 5
+            [2, 3, 4, 5],  # the window slides: 2 3 4 5 -> 6
+            [7, 8, 1, pad],  # user B
+            [7, 8, 1, 2],
+        ]
+    )
+    lens = np.array([3, 4, 4, 3, 4])
+    nxt = np.array([4, 5, 6, 2, 3])
+    assert chain_users(seq, lens, nxt).tolist() == [0, 0, 0, 1, 1]
+
+
+def _prepared(home, name="cyc", holdout=None, users=True):
+    src = cycle_source(n_items=30, n_users=40, length=12)
+    if not users:  # a format without user ids, like the LLaRA files
+        src.splits["train"].user = None
+    write_prepared(src, name, home / "datasets" / name, n_candidates=6, draws=2, seed=3, holdout=holdout)
+    return PreparedDataset(home / "datasets" / name)
+
+
+def test_prepare_records_the_holdout_and_partition_matches_with_or_without_user_ids(tmp_path):
+    with_ids = _prepared(tmp_path, "a")
+    without = _prepared(tmp_path, "b", users=False)
+    meta = with_ids.meta["holdout"]
+    assert meta["spec"] == DEFAULT_HOLDOUT and meta["users"] == 32
+    assert meta["encoder_rows"] + meta["second_stage_rows"] == with_ids.meta["splits"]["train"]
+    a, b = partition(with_ids, None), partition(without, None)
+    assert a.users_from == "user ids" and b.users_from.startswith("reconstructed")
+    # the same users, found two ways: the same rows on each side
+    assert np.array_equal(a.second_stage_rows, b.second_stage_rows)
+    assert len(a.second_stage_rows) == meta["second_stage_rows"]
+    assert np.intersect1d(a.encoder_rows, a.second_stage_rows).size == 0
+    assert len(a.encoder_rows) + len(a.second_stage_rows) == with_ids.meta["splits"]["train"]
+    other = _prepared(tmp_path, "c", holdout="last:2")
+    assert other.meta["holdout"]["spec"] == "last:2" and other.meta["holdout"]["second_stage_rows"] == 2 * 32
+    none = partition(with_ids, "none")
+    assert np.array_equal(none.encoder_rows, none.second_stage_rows)
+
+
+def test_a_holdout_that_leaves_nothing_to_a_stage_is_refused(tmp_path):
+    src = cycle_source(n_items=30, n_users=5, length=12)  # 4 training users
+    with pytest.raises(UserError, match="holdout last:20 leaves 0 training rows to the encoder"):
+        write_prepared(src, "tiny", tmp_path / "tiny", n_candidates=6, draws=1, seed=3, holdout="last:20")
+
+
+def test_encode_fits_only_its_rows_and_train_learns_on_the_others(tiny_world, monkeypatch):
+    """The tiny world's encoder was trained with the default holdout; a run trains on exactly the rows it left out,
+    and the encoder's fitted rows are scored far better than the held-out ones only when it fitted them."""
+    from ilora_cli.encoders.io import load_encoder
+
+    monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    dataset = PreparedDataset.open("cyc")
+    _, info = load_encoder("cyc-sasrec")
+    part = partition(dataset, None)
+    assert info["holdout"]["spec"] == DEFAULT_HOLDOUT
+    assert info["holdout"]["second_stage_sha256"] == rows_checksum(part.second_stage_rows)
+    assert info["training"]["train_rows"] == len(part.encoder_rows)
+    rows, record = second_stage_rows(dataset, info, None)
+    assert np.array_equal(rows, part.second_stage_rows) and record["encoder_saw_training_rows"] is False
+    all_rows, record = second_stage_rows(dataset, info, "none")
+    assert len(all_rows) == dataset.meta["splits"]["train"] and record["encoder_saw_training_rows"] is True
+    with pytest.raises(UserError, match="trained with holdout users:0.2, not last:1"):
+        second_stage_rows(dataset, info, "last:1")
+    old = {k: v for k, v in info.items() if k != "holdout"}  # an encoder of an older version: fitted every row
+    _, record = second_stage_rows(dataset, old, None)
+    assert record == {
+        "spec": "none",
+        "train_rows_from": "every training row",
+        "rows": dataset.meta["splits"]["train"],
+        "encoder_saw_training_rows": True,
+    }
+    # the encoder records a checksum of the rows it left out: other rows are refused
+    moved = dict(info, holdout=dict(info["holdout"], second_stage_sha256="0" * 64))
+    with pytest.raises(UserError, match="not the ones this dataset gives now"):
+        second_stage_rows(dataset, moved, None)
+
+
+def test_train_records_its_rows_and_eval_says_when_the_encoder_saw_them(tiny_world, monkeypatch):
+    from ilora_cli.training.loop import TrainConfig, train
+
+    monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    backbone = str(tiny_world / "tiny-backbone")
+    common = dict(dataset="cyc", backbone=backbone, batch_size=4, candidates=6, max_steps=1, quiet=True)
+    honest = train(TrainConfig(name="ho-default", **common))
+    info = json.loads((tiny_world / "runs" / "ho-default" / "ilora.json").read_text())
+    part = partition(PreparedDataset.open("cyc"), None)
+    assert info["holdout"] == {
+        "spec": DEFAULT_HOLDOUT,
+        "train_rows_from": "the rows the encoder left out",
+        "rows": len(part.second_stage_rows),
+        "encoder_saw_training_rows": False,
+        "train_rows": len(part.second_stage_rows),
+    }
+    assert honest["complete"]
+    train(TrainConfig(name="ho-none", holdout="none", **common))
+    info = json.loads((tiny_world / "runs" / "ho-none" / "ilora.json").read_text())
+    assert info["holdout"]["encoder_saw_training_rows"] is True
+    r = run_cli("eval", "--run", "ho-none", "--max-samples", "2", "draws=1", "--json", home=tiny_world)
+    assert r.returncode == 0, r.stderr
+    assert "was fitted on the rows the run trained on" in r.stderr
+    assert json.loads(r.stdout)["results"]["ho-none"]["holdout"]["encoder_saw_training_rows"] is True
+    r = run_cli("eval", "--run", "ho-default", "--max-samples", "2", "draws=1", home=tiny_world)
+    assert r.returncode == 0 and "fitted on the rows" not in r.stderr
+
+
+def test_eval_names_another_encoder_beside_the_runs(tiny_world, monkeypatch):
+    """`eval --encoder NAME` adds that encoder (e.g. one fitted on every row) on the same rows and draws; a bare
+    `--encoder` still means the run's own."""
+    from ilora_cli.encoders.train import EncodeConfig, encode
+    from ilora_cli.training.loop import TrainConfig, train
+
+    monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    if not (tiny_world / "encoders" / "cyc-full" / "encoder.json").exists():
+        encode(EncodeConfig(dataset="cyc", name="cyc-full", hidden_size=16, epochs=2, holdout="none", quiet=True))
+    train(TrainConfig(name="named-enc", dataset="cyc", backbone=str(tiny_world / "tiny-backbone"), max_steps=1,
+                      batch_size=4, candidates=6, quiet=True))  # fmt: skip
+    r = run_cli("eval", "--run", "named-enc", "--encoder", "cyc-full", "--max-samples", "4", "--json", home=tiny_world)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)["results"]
+    assert set(results) == {"named-enc", "encoder", "encoder:cyc-full"}
+    assert results["encoder:cyc-full"]["metrics"]["mrr"]["n_draws"] == 2
+    r = run_cli("eval", "--run", "named-enc", "--encoder", "--max-samples", "4", "--json", home=tiny_world)
+    assert r.returncode == 0 and set(json.loads(r.stdout)["results"]) == {"named-enc", "encoder"}
+    r = run_cli("eval", "--dataset", "cyc", "--encoder", "cyc-full", "draws=1", "--json", home=tiny_world)
+    assert r.returncode == 0 and set(json.loads(r.stdout)["results"]) == {"encoder"}
+    r = run_cli("eval", "--run", "named-enc", "--encoder", "nope", home=tiny_world)
+    assert r.returncode == 2 and "No encoder named 'nope'" in r.stderr

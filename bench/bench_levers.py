@@ -45,6 +45,14 @@ SUITES: dict[str, dict[str, dict]] = {
         "compact+kd1+user": {**COMPACT_KD, "user_token": True},
         "compact+user": {"templates": "compact", "distill_weight": 0.0, "user_token": True},
     },
+    # why the title head does not learn: {title, item} head x {the next item, the encoder's top-1} as the label,
+    # compact templates with the user token (which carries the vectors the encoder's top-1 follows from)
+    "heads": {
+        "title-next": {"templates": "compact", "user_token": True, "head": "title"},
+        "item-next": {"templates": "compact", "user_token": True, "head": "item"},
+        "title-encoder": {"templates": "compact", "user_token": True, "head": "title", "label": "encoder"},
+        "item-encoder": {"templates": "compact", "user_token": True, "head": "item", "label": "encoder"},
+    },
     # the mechanism: K = 4 with the user gate against plain LoRA of the same total rank, LLM alone
     "mechanism": {
         "k4-user": {"experts": 4, "gate": "user", "templates": "compact", "distill_weight": 0.0},
@@ -82,6 +90,11 @@ def run_one(task: dict) -> dict:
     seconds = time.perf_counter() - t
     logs = run_dir(name) / "logs"
     curve = [json.loads(x) for x in (logs / "validation.jsonl").read_text().splitlines()]
+    steps = [json.loads(x) for x in (logs / "train.jsonl").read_text().splitlines()]
+    last = steps[-max(1, len(steps) // 4) :]  # the last quarter of the steps: what the model does on its own batches
+    train_batches = {
+        m: sum(r[f"train_{m}"] for r in last) / len(last) for m in ("hr@1", "mrr") if f"train_{m}" in last[0]
+    }
     return {
         "config": task["config"],
         "seed": task["seed"],
@@ -94,6 +107,8 @@ def run_one(task: dict) -> dict:
         "wall_seconds": round(seconds, 1),
         "curve": curve,
         "final": curve[-1]["val"] if curve else None,
+        "agreement": curve[-1].get("llm_encoder_top1_agreement") if curve else None,
+        "train_batches": train_batches,
     }
 
 
@@ -113,18 +128,27 @@ def summarise(records: dict[str, dict]) -> dict[str, dict]:
                 vals = np.array([r["final"][ranking][m] for r in rs if ranking in r["final"]])
                 if vals.size:
                     row[f"{ranking}_{m}"] = {"mean": float(vals.mean()), "std": float(vals.std())}
+        for key, values in (
+            ("agreement", [r.get("agreement") for r in rs]),
+            ("train_hr@1", [r.get("train_batches", {}).get("hr@1") for r in rs]),
+            ("train_mrr", [r.get("train_batches", {}).get("mrr") for r in rs]),
+        ):
+            vals = np.array([v for v in values if v is not None])
+            if vals.size:
+                row[key] = {"mean": float(vals.mean()), "std": float(vals.std())}
         out[config] = row
     return out
 
 
 def print_table(summary: dict[str, dict]) -> None:
     cols = [("llm", "hr@1"), ("llm", "mrr"), ("fused", "hr@1"), ("fused", "mrr"), ("encoder", "hr@1")]
-    head = "".join(f"{r + ' ' + m:>18}" for r, m in cols)
+    cols += [("train", "hr@1"), ("train", "mrr"), ("agreement", "")]
+    head = "".join(f"{(r + ' ' + m).strip():>18}" for r, m in cols)
     print(f"{'configuration':<24}{'seeds':>8}{head}")
     for config, row in summary.items():
         cells = ""
         for r, m in cols:
-            v = row.get(f"{r}_{m}")
+            v = row.get(f"{r}_{m}" if m else r)
             cells += f"{v['mean']:>10.3f} ± {v['std']:.3f}" if v else f"{'-':>18}"
         print(f"{config:<24}{len(row['seeds']):>8}{cells}")
 

@@ -10,9 +10,9 @@ def word_tokenizer(titles: list[str], extra_words: str = ""):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ilora_cli.llm.prompt import TEMPLATE_SETS
+    from ilora_cli.llm.prompt import HISTORY_TEMPLATE_SETS, TEMPLATE_SETS
 
-    templates = " ".join(t for ts in TEMPLATE_SETS.values() for t in ts)
+    templates = " ".join(t for sets in (TEMPLATE_SETS, HISTORY_TEMPLATE_SETS) for ts in sets.values() for t in ts)
     text = " ".join(titles) + " " + templates + " " + extra_words
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     words = sorted({w for w, _ in pre.pre_tokenize_str(text)})

@@ -188,7 +188,14 @@ def encode(
     if print_config:
         _print_config(cfg)
     result = run_encode(cfg)
-    rows = {split: m for split, m in result["metrics"].items() if split in ("val", "test")}
+    labels = {"val": "val", "test": "test", "fitted": "train rows it fitted", "second_stage": "second-stage rows"}
+    rows = {
+        labels[split] + (f" ({m['rows']:,}, 1 draw)" if "rows" in m else ""): {
+            k: v for k, v in m.items() if k != "rows"
+        }
+        for split, m in result["metrics"].items()
+        if split in labels
+    }
     protocol = next((m.get("protocol") for m in rows.values() if m.get("protocol")), "sampled")
     metrics_table(f"Encoder {result['model']} on {cfg.dataset}", rows, protocol)
     if json:
@@ -289,7 +296,15 @@ def train(
 @app.command(name="eval", cls=command_class("eval"))
 def eval_(
     run: Annotated[list[str] | None, typer.Option("--run", help="Run directory or name (repeat for several).")] = None,
-    encoder: Annotated[bool, typer.Option("--encoder", help="Also evaluate the encoder alone.")] = False,
+    encoder: Annotated[
+        str | None,
+        typer.Option(
+            "--encoder",
+            metavar="[NAME]",
+            help="Also evaluate the encoder alone: the run's (or the dataset's default) with no value; with a name "
+            "or path, that encoder besides (e.g. one fitted on every training row).",
+        ),
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset (default: the run's).")] = None,
     split: Annotated[str | None, typer.Option(help="val or test.")] = None,
     mode: Annotated[
@@ -322,7 +337,7 @@ def eval_(
         config,
         dict(
             runs=run or None,
-            encoder=_flag(encoder),
+            encoder=encoder,
             dataset=dataset,
             split=split,
             mode=mode,
@@ -542,12 +557,26 @@ def ablate(
         print_json(result)
 
 
+def _optional_values(argv: list[str]) -> list[str]:
+    """``eval --encoder`` may stand alone (the run's encoder) or name one (``--encoder NAME``): alone — at the end,
+    or before another option or a ``key=value`` setting — it means ``--encoder=true``."""
+    if len(argv) < 2 or argv[1] != "eval":
+        return argv
+    out = list(argv)
+    for i, token in enumerate(out):
+        following = out[i + 1] if i + 1 < len(out) else None
+        if token == "--encoder" and (following is None or following.startswith("-") or "=" in following):
+            out[i] = "--encoder=true"
+    return out
+
+
 def main() -> None:
     """Entry point: user errors become one sentence on stderr and exit code 2."""
     from .console import quiet_libraries
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
+    sys.argv = _optional_values(sys.argv)
     try:
         app(prog_name="ilora")
     except UserError as exc:

@@ -25,6 +25,7 @@ KEEP = (
     "projector.safetensors",
     "user_projector.safetensors",
     "gate.safetensors",
+    "head.safetensors",
     "encoder",
     "items.json",
     "README.md",

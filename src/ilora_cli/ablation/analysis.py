@@ -236,29 +236,12 @@ def cosine_matrix(g: torch.Tensor) -> np.ndarray:
 
 def objective_loss(run, train, samples) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's training objective on one micro-batch (as the training loop computes it), and the gates."""
-    from ..llm.scoring import normalise_scores, pad_answers
-    from ..training.loop import build_batch
-    from ..training.objectives import rank_loss
+    from ..training.loop import batch_loss, build_batch
 
-    model, builder = run.model, run.builder
     info = run.info["dataset"]
-    batch, target_index = build_batch(builder, samples, train.objective, info["pad_id"], info["max_history"])
-    batch = batch.to(model.device)
-    if train.objective == "generate":
-        out, gates = model(batch)
-        return out.loss, gates
-    answers, answer_mask = pad_answers(builder, batch.candidates.tolist())
-    answer_mask = answer_mask.to(model.device)
-    scores, gates = model(batch, answers=answers.to(model.device), answer_mask=answer_mask)
-    scores = normalise_scores(scores, answer_mask, train.normalize)
-    needs_encoder = train.distill_weight > 0 or model.fusion is not None
-    loss, _ = rank_loss(
-        scores,
-        model.encoder_scores(batch) if needs_encoder else None,
-        target_index.to(model.device),
-        distill_weight=train.distill_weight,
-        temperature=train.distill_temperature,
-        fusion=model.fusion,
+    batch, target_index = build_batch(run.builder, samples, train.objective, info["pad_id"], info["max_history"])
+    loss, _, gates = batch_loss(
+        run.model, run.model, run.scorer, run.builder, batch.to(run.model.device), target_index, train
     )
     return loss, gates
 

@@ -16,7 +16,7 @@ from ..data.prepared import PreparedDataset, SplitData
 from ..devices import check_device, resolve_device
 from ..errors import UserError
 from ..training.objectives import fused_scores
-from .llm import generate_answers, match_answer, score_candidates
+from .llm import generate_answers, match_answer, score_rows
 
 MODES = ("score", "generate")
 
@@ -24,7 +24,8 @@ MODES = ("score", "generate")
 @dataclass
 class EvalConfig:
     runs: list[str] = field(default_factory=list)  # run directories or names under $ILORA_HOME/runs
-    encoder: bool = False  # also evaluate the (first run's, or the dataset's default) encoder alone
+    encoder: bool | str = False  # also evaluate an encoder alone: true = the first run's (or the dataset's default);
+    # a name or path = that encoder besides (e.g. one fitted on every training row, the strongest first stage)
     dataset: str | None = None  # prepared dataset (default: the one the first run was trained on)
     split: str = "val"  # val or test
     mode: str = "score"  # score (log-likelihood ranking) or generate (the paper's protocol)
@@ -137,17 +138,13 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
 
     In score mode the run's default ranking is reported under ``metrics`` — the fused score
     ``a · LLM + b · encoder`` for a run trained with fusion weights, else the LLM's score — and the language
-    model alone under ``llm``, so that what the LLM learned is never hidden behind the encoder.
+    model alone under ``llm``, so that what the LLM learned is never hidden behind the encoder. A run whose
+    head ranks the whole catalogue (the item head) also reports full-catalogue HR@10 / NDCG@10 (history
+    excluded) for each ranking, beside the sampled metrics.
     """
-    histories = split.histories()
     n, draws = len(split), split.candidates.shape[1]
     retrieve = _retrieve_n(config.candidates)
-    fusion = run.fusion if config.mode == "score" else None
-    rankings = ("llm", "fused") if fusion is not None else ("llm",)
-    per_draw: dict[str, list[dict[str, float]]] = {r: [] for r in (*rankings, "encoder")}
-    lines: list[dict[str, Any]] = []
-    total = n if retrieve else n * draws
-    normalize = config.normalize or run.normalize
+    total = n if (retrieve or run.scorer.ranks_catalogue) and config.mode == "score" else n * draws
     t0 = time.perf_counter()
     with progress(disable=config.quiet) as bar:
         task = bar.add_task(f"{label} ({config.mode})", total=total, info="")
@@ -155,72 +152,117 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
         def tick(k):
             bar.advance(task, k)
 
-        def score(cands: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-            """(N, C) scores of every ranking (llm, fused when the run has β, encoder), and the gates."""
-            llm, gates = score_candidates(run, histories, cands, config.batch_size, normalize, tick)
-            enc = encoder_candidate_scores(run.model.encoder, split, cands)
-            by = {"llm": llm, "encoder": enc}
-            if fusion is not None:
-                by["fused"] = fused_scores(llm, enc, fusion["llm"], fusion["encoder"])
-            return by, gates
-
-        for d in range(1 if retrieve else (draws if config.mode == "score" else 0)):
-            cands = retrieve_candidates(run.model.encoder, split, retrieve) if retrieve else split.candidates[:, d]
-            by, gates = score(cands)
-            for r in by:
-                if retrieve:
-                    per_draw[r].append(
-                        metrics.ranking_metrics(_rerank_ranks(by[r], cands, split.next), ks=(1, 5, 10), ndcg_ks=(5, 10))
-                    )
-                else:
-                    ranks = metrics.rank_of_target(by[r], _target_columns(cands, split.next))
-                    per_draw[r].append(metrics.ranking_metrics(ranks))
-            default = by[rankings[-1]]
-            for i in range(n):
-                line = _line(split, i, d, cands[i], default[i], gates[i])
-                line["llm_scores"] = [round(float(x), 5) for x in by["llm"][i]]
-                line["encoder_scores"] = [round(float(x), 5) for x in by["encoder"][i]]
-                lines.append(line)
-        for d in range(0 if config.mode == "score" else draws):
-            cands = split.candidates[:, d]  # (N, C)
-            texts, gates = generate_answers(run, histories, cands, config.batch_size, config.num_beams, tick)
-            valid = np.zeros(n, dtype=bool)
-            hits = np.zeros(n, dtype=bool)
-            for i, text in enumerate(texts):
-                k = match_answer(text, [run.titles[c] for c in cands[i]])
-                valid[i] = k is not None
-                hits[i] = k is not None and cands[i, k] == split.next[i]
-                lines.append(
-                    {
-                        **_line(split, i, d, cands[i], None, gates[i]),
-                        "output": text,
-                        "prediction": int(cands[i, k]) if k is not None else None,
-                        "valid": bool(valid[i]),
-                    }
-                )
-            per_draw["llm"].append(
-                {
-                    "valid_ratio": metrics.valid_ratio(valid),
-                    "hr@1": float(hits.mean()),  # hits / all samples
-                    "hr@1_valid": float(hits.sum() / max(1, valid.sum())),  # hits / valid outputs (the paper's)
-                }
-            )
-    seconds = time.perf_counter() - t0
+        if config.mode == "score":
+            out, lines = _score_mode(run, split, config, retrieve, tick)
+        else:
+            out, lines = _generate_mode(run, split, config, tick)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
     if pred_file is not None:
         _write_lines(pred_file, lines)
+    out["predictions"] = str(pred_file) if pred_file else None
+    return out
+
+
+def _score_mode(run, split: SplitData, config: EvalConfig, retrieve: int | None, tick) -> tuple[dict, list]:
+    """Every ranking (the LLM alone, fused when the run has weights, the encoder) on every candidate draw (or the
+    encoder's top-N with ``retrieve``), plus the whole catalogue for heads that rank it."""
+    histories = split.histories()
+    fusion = run.fusion
+    rankings = ("llm", "fused") if fusion is not None else ("llm",)
+    normalize = config.normalize or run.normalize
+    encoder = run.model.encoder
+    sets = retrieve_candidates(encoder, split, retrieve)[:, None] if retrieve else split.candidates  # (N, D, C)
+    full = run.scorer.ranks_catalogue and not retrieve
+    llm = score_rows(run, histories, sets, config.batch_size, normalize, tick, catalogue=full)
+    per_draw: dict[str, list[dict[str, float]]] = {r: [] for r in (*rankings, "encoder")}
+    lines: list[dict[str, Any]] = []
+    agree = []  # per draw: how often the LLM's top candidate is the encoder's
+    for d in range(sets.shape[1]):
+        cands = sets[:, d]  # (N, C)
+        by = _rankings(llm["draws"][:, d], encoder_candidate_scores(encoder, split, cands), fusion)
+        agree.append(float((by["llm"].argmax(1) == by["encoder"].argmax(1)).mean()))
+        for r in by:
+            if retrieve:
+                ranks = _rerank_ranks(by[r], cands, split.next)
+                per_draw[r].append(metrics.ranking_metrics(ranks, ks=(1, 5, 10), ndcg_ks=(5, 10)))
+            else:
+                ranks = metrics.rank_of_target(by[r], _target_columns(cands, split.next))
+                per_draw[r].append(metrics.ranking_metrics(ranks))
+        default = by[rankings[-1]]
+        for i in range(len(split)):
+            line = _line(split, i, d, cands[i], default[i], llm["gates"][i])
+            line["llm_scores"] = [round(float(x), 5) for x in by["llm"][i]]
+            line["encoder_scores"] = [round(float(x), 5) for x in by["encoder"][i]]
+            lines.append(line)
+    result = {r: metrics.aggregate(per_draw[r]) for r in per_draw}
+    if full:
+        catalogue = _rankings(llm["catalogue"], encoder_catalogue_scores(encoder, split), fusion)
+        for r, scores in catalogue.items():
+            result[r].update(_full_metrics(scores, split))
     out = {
-        "metrics": metrics.aggregate(per_draw[rankings[-1]]),
+        "metrics": result[rankings[-1]],
         "ranking": "fused" if fusion is not None else "llm",
         "fusion": fusion,
-        "normalize": normalize if config.mode == "score" else None,
-        "seconds": round(seconds, 3),
-        "predictions": str(pred_file) if pred_file else None,
+        "normalize": normalize if run.scorer.kind == "title" else None,
+        "head": run.scorer.kind,
+        "llm_encoder_top1_agreement": float(np.mean(agree)),
     }
     if fusion is not None:
-        out["llm"] = {"metrics": metrics.aggregate(per_draw["llm"])}
-    if per_draw["encoder"]:
-        out["encoder"] = {"metrics": metrics.aggregate(per_draw["encoder"])}  # on the same rows and candidates
-    return out
+        out["llm"] = {"metrics": result["llm"]}
+    out["encoder"] = {"metrics": result["encoder"]}  # on the same rows and candidates
+    return out, lines
+
+
+def _rankings(llm: np.ndarray, encoder: np.ndarray, fusion: dict[str, float] | None) -> dict[str, np.ndarray]:
+    """The scores of every ranking of the same items: the LLM alone, the encoder alone, fused when weighted."""
+    by = {"llm": llm, "encoder": encoder}
+    if fusion is not None:
+        by["fused"] = fused_scores(llm, encoder, fusion["llm"], fusion["encoder"])
+    return by
+
+
+def _full_metrics(scores: np.ndarray, split: SplitData) -> dict[str, dict[str, float]]:
+    """Full-catalogue HR@10 / NDCG@10 of (N, n_items) scores, each row's history excluded."""
+    from ..encoders.evaluate import FULL_K
+
+    ranks = metrics.full_ranking_ranks(scores, split.next, exclude=split.histories())
+    return {
+        f"full_hr@{FULL_K}": {"mean": metrics.hit_ratio(ranks, FULL_K), "std": 0.0, "n_draws": 1},
+        f"full_ndcg@{FULL_K}": {"mean": metrics.ndcg(ranks, FULL_K), "std": 0.0, "n_draws": 1},
+    }
+
+
+def _generate_mode(run, split: SplitData, config: EvalConfig, tick) -> tuple[dict, list]:
+    """The paper's protocol on every stored draw: greedy generation, valid iff exactly one title occurs."""
+    histories = split.histories()
+    n = len(split)
+    per_draw, lines = [], []
+    for d in range(split.candidates.shape[1]):
+        cands = split.candidates[:, d]  # (N, C)
+        texts, gates = generate_answers(run, histories, cands, config.batch_size, config.num_beams, tick)
+        valid = np.zeros(n, dtype=bool)
+        hits = np.zeros(n, dtype=bool)
+        for i, text in enumerate(texts):
+            k = match_answer(text, [run.titles[c] for c in cands[i]])
+            valid[i] = k is not None
+            hits[i] = k is not None and cands[i, k] == split.next[i]
+            lines.append(
+                {
+                    **_line(split, i, d, cands[i], None, gates[i]),
+                    "output": text,
+                    "prediction": int(cands[i, k]) if k is not None else None,
+                    "valid": bool(valid[i]),
+                }
+            )
+        per_draw.append(
+            {
+                "valid_ratio": metrics.valid_ratio(valid),
+                "hr@1": float(hits.mean()),  # hits / all samples
+                "hr@1_valid": float(hits.sum() / max(1, valid.sum())),  # hits / valid outputs (the paper's)
+            }
+        )
+    out = {"metrics": metrics.aggregate(per_draw), "ranking": "llm", "fusion": None, "normalize": None}
+    return out, lines
 
 
 def _predictions_path(config: EvalConfig, n_runs: int, run_dir: Path, suffix: str) -> Path:
@@ -284,6 +326,20 @@ def encoder_candidate_scores(encoder, split: SplitData, cands: np.ndarray, batch
     return np.concatenate(out) if out else np.zeros((0, cands.shape[1]), dtype=np.float32)
 
 
+def encoder_catalogue_scores(encoder, split: SplitData, batch_size: int = 1024) -> np.ndarray:
+    """(N, n_items) the encoder's score of every catalogue item for each row."""
+    import torch
+
+    device = encoder.item_embedding.weight.device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(split), batch_size):
+            seq = torch.as_tensor(split.seq[start : start + batch_size], device=device)  # (b, L)
+            lens = torch.as_tensor(split.len_seq[start : start + batch_size], device=device)  # (b,)
+            out.append(encoder.score_all(seq, lens).float().cpu().numpy())  # (b, n_items)
+    return np.concatenate(out) if out else np.zeros((0, encoder.n_items), dtype=np.float32)
+
+
 def retrieve_candidates(encoder, split: SplitData, n: int) -> np.ndarray:
     """(N, n) the encoder's top-n items of the whole catalogue for each row, history excluded."""
     return encoder.top_items(split.seq, split.len_seq, n)
@@ -311,6 +367,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                 f"The run {d} was trained on a different dataset ({info['dataset']['name']!r}) "
                 f"than {dataset.name!r}; evaluate it on its own dataset."
             )
+        head = info["experts"].get("head", "title")
+        if config.mode == "generate" and head != "title":
+            raise UserError(
+                f"Generate mode writes titles, but the run {d.name} has the {head} head, which scores items; "
+                "evaluate it in score mode."
+            )
+    named = _named_encoder(config, dataset)
     _check_predictions_target(config, len(run_dirs))
     split = load_split(config, dataset)
     retrieve = _retrieve_n(config.candidates)
@@ -331,10 +394,15 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         suffix = f"{split.name}-{config.mode}" + (f"-retrieve{retrieve}" if retrieve else "")
         pred = _predictions_path(config, len(run_dirs), d, suffix)
         results[d.name] = evaluate_run(run, split, config, d.name, pred)
+        results[d.name]["holdout"] = _holdout_note(d, run.info)
         del run
-    if config.encoder or run_dirs:
-        # The encoder alone is always reported beside runs: it is what a run must beat.
-        results["encoder"] = {"metrics": _encoder_metrics(config, dataset, split, encoder, retrieve)}
+    if run_dirs or config.encoder:
+        # The encoder alone is always reported beside runs: it is what a run must beat. Without runs, a named
+        # encoder is the encoder; without either, the dataset's default.
+        own = encoder if encoder is not None or named is None else named[0]
+        results["encoder"] = {"metrics": _encoder_metrics(config, dataset, split, own, retrieve)}
+    if named is not None and run_dirs:
+        results[f"encoder:{named[1]}"] = {"metrics": _encoder_metrics(config, dataset, split, named[0], retrieve)}
     first = next(iter(results.values()))
     return {
         "mode": config.mode if not retrieve else "score",
@@ -346,6 +414,35 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "metrics": first["metrics"],
         "results": results,
     }
+
+
+def _named_encoder(config: EvalConfig, dataset: PreparedDataset):
+    """The encoder ``--encoder NAME`` names, loaded and checked against the dataset, and its name; else None."""
+    if not isinstance(config.encoder, str):
+        return None
+    from ..encoders.io import check_compatible, load_encoder
+
+    encoder, info = load_encoder(config.encoder)
+    check_compatible(info, dataset)
+    return encoder, Path(info["path"]).name
+
+
+def _holdout_note(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """What the run records of its training rows; a note when its encoder had been fitted on them."""
+    holdout = info.get("holdout")
+    if holdout is None:
+        err.print(
+            f"[yellow]note:[/] the run {run_dir.name} predates holdouts: its encoder was most likely fitted on the "
+            "rows the run trained on, where its scores are far better than on new users."
+        )
+        return {"recorded": False, "encoder_saw_training_rows": None}
+    if holdout.get("encoder_saw_training_rows"):
+        err.print(
+            f"[yellow]note:[/] the encoder of the run {run_dir.name} was fitted on the rows the run trained on "
+            f"(holdout {holdout.get('spec')}), so its fusion weights and what the LLM learned from the encoder's "
+            "vectors come from rows where the encoder is almost always right."
+        )
+    return holdout
 
 
 def _encoder_metrics(config, dataset, split, encoder, retrieve) -> dict[str, Any]:
@@ -370,4 +467,9 @@ def _encoder_metrics(config, dataset, split, encoder, retrieve) -> dict[str, Any
                 for d in range(sampled.shape[1])
             ]
         )
-    return metrics.aggregate([metrics.ranking_metrics(sampled[:, d]) for d in range(sampled.shape[1])])
+    out = metrics.aggregate([metrics.ranking_metrics(sampled[:, d]) for d in range(sampled.shape[1])])
+    from ..encoders.evaluate import FULL_K
+
+    out[f"full_hr@{FULL_K}"] = {"mean": metrics.hit_ratio(full, FULL_K), "std": 0.0, "n_draws": 1}
+    out[f"full_ndcg@{FULL_K}"] = {"mean": metrics.ndcg(full, FULL_K), "std": 0.0, "n_draws": 1}
+    return out

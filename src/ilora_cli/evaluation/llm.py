@@ -1,4 +1,4 @@
-"""What a trained run says about candidates: scores of the candidates after a shared prompt, or greedy generations."""
+"""What a trained run says about candidates: their scores by the run's head (llm/heads.py), or greedy generations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..llm.scoring import candidate_logprobs
+from ..errors import UserError
 
 
 def _prefix(run, histories, candidates):
@@ -15,6 +15,59 @@ def _prefix(run, histories, candidates):
     return run.builder.batch(
         histories, candidates, None, None, info["pad_id"], info["max_history"], padding_side="left"
     ).to(run.model.device)
+
+
+@torch.no_grad()
+def item_queries(run, histories: Sequence[Sequence[int]], batch_size: int = 8, on_batch=None):
+    """Item head: (N, d) query vectors ``W h`` of each history's prompt and (N, K) gates, as tensors on the CPU."""
+    queries, gates = [], []
+    for start in range(0, len(histories), batch_size):
+        hist = histories[start : start + batch_size]
+        q, g = run.scorer.queries(run.model, _prefix(run, hist, [[] for _ in hist]))
+        queries.append(q.float().cpu())
+        gates.append(g.float().cpu())
+        if on_batch:
+            on_batch(len(hist))
+    return torch.cat(queries), torch.cat(gates)
+
+
+@torch.no_grad()
+def score_rows(
+    run,
+    histories: Sequence[Sequence[int]],
+    candidate_sets: np.ndarray,
+    batch_size: int = 8,
+    normalize: str = "sum",
+    on_batch=None,
+    catalogue: bool = False,
+) -> dict[str, np.ndarray | None]:
+    """The run's LLM scores of every row's candidate sets, (N, D, C) for ``candidate_sets`` (N, D, C), its gates
+    (N, K), and with ``catalogue`` (item head only) the (N, n_items) scores of the whole catalogue.
+
+    The title head scores each draw in a forward of its own (the candidates are in the prompt); the item head
+    encodes each history once and scores every draw and the catalogue from the same query vector.
+    ``on_batch`` is called with the rows done: N · D rows for the title head, N for the item head.
+    """
+    n, draws, _ = candidate_sets.shape
+    if run.scorer.ranks_catalogue:
+        q, gates = item_queries(run, histories, batch_size, on_batch)  # (N, d), (N, K)
+        items = run.model.encoder.item_embedding.weight.detach().float().cpu()  # (n_items + 1, d)
+        cands = torch.as_tensor(candidate_sets, dtype=torch.long, device="cpu")  # (N, D, C), beside q and items
+        scores = torch.einsum("nd,nkcd->nkc", q, items[cands])  # (N, D, C)
+        full = q @ items[: run.model.encoder.n_items].T if catalogue else None  # (N, n_items)
+        return {
+            "draws": scores.numpy(),
+            "gates": gates.numpy(),
+            "catalogue": None if full is None else full.numpy(),
+        }
+    if catalogue:
+        raise ValueError(f"the {run.scorer.kind} head cannot score the whole catalogue")
+    per_draw, gates = [], None
+    for d in range(draws):
+        s, g = score_candidates(run, histories, candidate_sets[:, d], batch_size, normalize, on_batch)
+        per_draw.append(s)
+        gates = g if gates is None else gates
+    return {"draws": np.stack(per_draw, axis=1), "gates": gates, "catalogue": None}
 
 
 @torch.no_grad()
@@ -26,15 +79,14 @@ def score_candidates(
     normalize: str = "sum",
     on_batch=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N, C) log-likelihood scores of each candidate title after each prompt, and (N, K) gates."""
+    """(N, C) scores of each row's candidates by the run's head (the title head: log-likelihood of each title
+    after the prompt, normalised), and (N, K) gates."""
     scores, gates = [], []
     for start in range(0, len(histories), batch_size):
         hist = histories[start : start + batch_size]
         cands = candidates[start : start + batch_size]
         prefix = _prefix(run, hist, cands.tolist())
-        s, g = candidate_logprobs(
-            run.model, run.builder, prefix, torch.as_tensor(cands, device=run.model.device), normalize
-        )
+        s, g = run.scorer.candidate_scores(run.model, run.builder, prefix, normalize)
         scores.append(s.float().cpu().numpy())
         gates.append(g.float().cpu().numpy())
         if on_batch:
@@ -52,6 +104,11 @@ def generate_answers(
     on_batch=None,
 ) -> tuple[list[str], np.ndarray]:
     """Greedy (or beam) generations after each prompt, stopped at the end-of-answer token, and the gates."""
+    if run.scorer.kind != "title":
+        raise UserError(
+            f"Generate mode writes titles, but this run has the {run.scorer.kind} head, which scores items; "
+            "evaluate it in score mode."
+        )
     model, builder = run.model, run.builder
     longest = max(len(builder.answer_ids(int(i))) for i in np.unique(candidates))
     texts, gates = [], []

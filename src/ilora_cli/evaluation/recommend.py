@@ -13,6 +13,8 @@ import numpy as np
 from ..data.prepared import SplitData
 from ..devices import check_device, resolve_device
 from ..errors import UserError
+from ..training.objectives import fused_scores
+from .evaluate import encoder_candidate_scores, encoder_catalogue_scores
 
 
 @dataclass
@@ -157,10 +159,12 @@ class Recommender:
                 raise UserError("--candidates lists an item twice.")
 
     def recommend(self, raw_history: list[Any] | dict[str, Any]) -> dict[str, Any]:
-        from ..training.objectives import fused_scores
-        from .evaluate import encoder_candidate_scores
-        from .llm import score_candidates
+        """Recommendations for one history (a list of ids or titles, or ``{"history": [...]}``)."""
+        history, notes = self.parse(raw_history)
+        return self.rank([history], [notes])[0]
 
+    def parse(self, raw_history: list[Any] | dict[str, Any]) -> tuple[list[int], list[str]]:
+        """A history as item ids (the most recent ``max_history``), and notes for the user; bad input: UserError."""
         if isinstance(raw_history, BadLine):
             raise UserError(raw_history.message + ".")
         if isinstance(raw_history, dict):
@@ -178,44 +182,77 @@ class Recommender:
         if len(history) > self.max_history:
             notes.append(f"the history has {len(history)} items; the model reads the most recent {self.max_history}")
             history = history[-self.max_history :]
-        if self.fixed is not None:
-            cands = np.array([self.fixed])
+        return history, notes
+
+    def rank(self, histories: list[list[int]], notes: list[list[str]] | None = None) -> list[dict[str, Any]]:
+        """Recommendations for several parsed histories, scored together (each with its own gate).
+
+        Candidates: ``--candidates`` when given; else, for a run whose head ranks the whole catalogue (the item
+        head), every item outside the history; else the encoder's top ``retrieve`` items, reranked.
+        """
+        from .llm import score_rows
+
+        notes = notes or [[] for _ in histories]
+        run, fusion = self.run, self.run.fusion
+        rows = self._rows(histories)
+        catalogue = self.fixed is None and run.scorer.ranks_catalogue
+        if catalogue:
+            llm_out = score_rows(run, histories, np.zeros((len(histories), 1, 0), dtype=np.int64), catalogue=True)
+            llm, enc = llm_out["catalogue"], encoder_catalogue_scores(run.model.encoder, rows)  # (B, N) each
+            cands = np.broadcast_to(np.arange(llm.shape[1]), llm.shape)  # (B, N)
+            where = "whole catalogue"
         else:
-            n = min(self.config.retrieve, len(self.run.titles) - len(set(history)))
-            cands = self.run.model.encoder.top_items([self._padded(history)], [len(history)], n)  # (1, n)
-        llm, g = score_candidates(self.run, [history], cands, 1, self.config.normalize or self.run.normalize)
-        enc = encoder_candidate_scores(self.run.model.encoder, self._one_row(history), cands)  # (1, n)
-        fusion = self.run.fusion
+            cands = self._candidates(histories, rows)  # (B, C)
+            llm_out = score_rows(run, histories, cands[:, None], len(histories), self.config.normalize or run.normalize)
+            llm, enc = llm_out["draws"][:, 0], encoder_candidate_scores(run.model.encoder, rows, cands)  # (B, C)
+            where = "given" if self.fixed is not None else f"encoder top-{cands.shape[1]}"
         score = llm if fusion is None else fused_scores(llm, enc, fusion["llm"], fusion["encoder"])  # the default
-        order = np.argsort(-score[0], kind="stable")[: self.config.top_k]
-        return {
-            "history": [{"item_id": i, "title": self.run.titles[i]} for i in history],
-            "recommendations": [
+        out = []
+        for b, history in enumerate(histories):
+            ranked = np.argsort(-score[b], kind="stable")
+            if catalogue:  # the history is not recommended back
+                ranked = ranked[~np.isin(ranked, history)]
+            ranked = ranked[: self.config.top_k]
+            out.append(
                 {
-                    "item_id": int(cands[0, j]),
-                    "title": self.run.titles[int(cands[0, j])],
-                    "score": float(score[0, j]),
-                    "llm_score": float(llm[0, j]),
-                    "encoder_score": float(enc[0, j]),
+                    "history": [{"item_id": i, "title": run.titles[i]} for i in history],
+                    "recommendations": [
+                        {
+                            "item_id": int(cands[b, j]),
+                            "title": run.titles[int(cands[b, j])],
+                            "score": float(score[b, j]),
+                            "llm_score": float(llm[b, j]),
+                            "encoder_score": float(enc[b, j]),
+                        }
+                        for j in ranked
+                    ],
+                    "ranking": "llm" if fusion is None else "fused",  # fused: fusion["llm"]·llm_score + ...
+                    "fusion": fusion,
+                    "gate": [float(x) for x in llm_out["gates"][b]],
+                    "candidates": where,
+                    "notes": notes[b],
                 }
-                for j in order
-            ],
-            "ranking": "llm" if fusion is None else "fused",  # fused: fusion["llm"]·llm_score + fusion["encoder"]·...
-            "fusion": fusion,
-            "gate": [float(x) for x in g[0]],
-            "candidates": "given" if self.fixed is not None else f"encoder top-{cands.shape[1]}",
-            "notes": notes,
-        }
+            )
+        return out
+
+    def _candidates(self, histories: list[list[int]], rows: SplitData) -> np.ndarray:
+        """(B, C) the given candidates for every user, or each user's encoder top-N (history excluded)."""
+        if self.fixed is not None:
+            return np.array([self.fixed] * len(histories))
+        n = min(self.config.retrieve, min(len(self.run.titles) - len(set(h)) for h in histories))
+        return self.run.model.encoder.top_items(rows.seq, rows.len_seq, n)  # (B, n)
+
+    def _rows(self, histories: list[list[int]]) -> SplitData:
+        """The histories as a split of right-padded rows (targets unknown: zeros)."""
+        n = len(histories)
+        return SplitData(
+            "users",
+            np.arange(n, dtype=np.int64),
+            np.array([self._padded(h) for h in histories], dtype=np.int64),
+            np.array([len(h) for h in histories], dtype=np.int64),
+            np.zeros(n, dtype=np.int64),
+            None,
+        )
 
     def _padded(self, history: list[int]) -> list[int]:
         return history + [self.pad_id] * (self.max_history - len(history))
-
-    def _one_row(self, history: list[int]) -> SplitData:
-        return SplitData(
-            "user",
-            np.zeros(1, dtype=np.int64),
-            np.array([self._padded(history)]),
-            np.array([len(history)]),
-            np.zeros(1, dtype=np.int64),
-            None,
-        )

@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 from .experts import Gate, GateHolder, TokenRouters, install_gate_hooks, lora_a_modules
+from .heads import HEADS, ItemHead
 from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, PromptBatch
+
+PROJECTOR_NORMS = ("none", "token")
 
 
 @dataclass
@@ -27,10 +30,16 @@ class ExpertConfig:
     target_modules: str = "all-linear"  # peft target modules: every attention and MLP projection by default
     hybrid: bool = True  # replace placeholder embeddings with projected item embeddings
     user_token: bool = False  # one more placeholder: the encoder's user representation, by its own projector
+    head: str = "title"  # title (titles' log-likelihood) or item ((W h) · e_c, see heads.py)
+    projector_norm: str = "none"  # none, or token: projected vectors rescaled to the backbone's mean token norm
 
     def validate(self) -> None:
         if self.experts < 1 or self.rank < 1 or self.rank % self.experts:
             raise ValueError(f"the rank ({self.rank}) must be a positive multiple of the expert count ({self.experts})")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.projector_norm not in PROJECTOR_NORMS:
+            raise ValueError(f"unknown projector_norm {self.projector_norm!r}; choose none or token")
 
 
 class Projector(nn.Module):
@@ -72,7 +81,15 @@ class ILoraModel(nn.Module):
     the weights of the fused candidate score (:class:`Fusion`); they are trained and saved with the run.
     """
 
-    def __init__(self, llm: nn.Module, tokenizer, encoder: nn.Module, config: ExpertConfig, fusion: dict | None = None):
+    def __init__(
+        self,
+        llm: nn.Module,
+        tokenizer,
+        encoder: nn.Module,
+        config: ExpertConfig,
+        fusion: dict | None = None,
+        head_init: str = "random",
+    ):
         super().__init__()
         config.validate()
         self.config = config
@@ -94,6 +111,7 @@ class ILoraModel(nn.Module):
             else None
         )
         self.fusion = Fusion(fusion.get("llm", 0.0), fusion.get("encoder", 1.0)) if fusion is not None else None
+        self.item_head = ItemHead(hidden, item_dim, head_init) if config.head == "item" else None
         # The gate hooks stay on the LoRA layers for the model's life; forward fills the holder they read.
         self._gates = GateHolder()
         if self.token_routers is not None:
@@ -103,6 +121,13 @@ class ILoraModel(nn.Module):
         self.history_id = tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
         self.candidate_id = tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)
         self.user_id = tokenizer.convert_tokens_to_ids(USER_TOKEN)
+        # projector_norm=token: the mean norm of the backbone's own token embeddings (the placeholder rows, added
+        # last, excluded): the scale the projected vectors are given. Computed from the frozen backbone, not saved.
+        self.token_norm = 0.0
+        if config.projector_norm == "token":
+            ids = [i for i in (self.history_id, self.candidate_id, self.user_id) if i is not None and i >= 0]
+            rows = llm.get_input_embeddings().weight[: max(1, min(ids, default=len(tokenizer)))]
+            self.token_norm = float(rows.detach().float().norm(dim=-1).mean())
 
     def train(self, mode: bool = True) -> ILoraModel:
         super().train(mode)
@@ -126,14 +151,15 @@ class ILoraModel(nn.Module):
             return embeds
         length = batch.history.shape[1]
         real = torch.arange(length, device=batch.history.device)[None, :] < batch.history_len[:, None]  # (B, L)
-        items = torch.cat([batch.history[real], batch.candidates.reshape(-1)])  # (Nh + B*C,)
+        listed = batch.candidates.reshape(-1) if batch.candidates_listed else batch.candidates.new_zeros(0)
+        items = torch.cat([batch.history[real], listed])  # (Nh + B*C,)
         with torch.no_grad():
             item_vecs = self.encoder.item_embedding(items)  # (Nh + B*C, d_item)
-        vecs = self.projector(item_vecs.to(self.projector.net[0].weight.dtype)).to(embeds.dtype)  # (N, H)
+        vecs = self._to_token_scale(self.projector(item_vecs.to(self.projector.net[0].weight.dtype))).to(embeds.dtype)
         n_hist = int(real.sum())
         hist_mask = batch.input_ids == self.history_id  # (B, T)
         cand_mask = batch.input_ids == self.candidate_id  # (B, T)
-        if int(hist_mask.sum()) != n_hist or int(cand_mask.sum()) != batch.candidates.numel():
+        if int(hist_mask.sum()) != n_hist or int(cand_mask.sum()) != listed.numel():
             raise RuntimeError("placeholder count does not match the number of history/candidate items")
         # masked_scatter fills the masked positions in row-major order: row by row, left to right,
         # which is the order of history[real] and candidates.reshape(-1).
@@ -144,8 +170,16 @@ class ILoraModel(nn.Module):
             if not torch.equal(user_mask.sum(1), torch.ones_like(user_mask.sum(1))):
                 raise RuntimeError("every prompt must hold exactly one user placeholder")
             user = self.user_projector(self.user_representation(batch).to(self.user_projector.net[0].weight.dtype))
+            user = self._to_token_scale(user)  # (B, H)
             embeds = embeds.masked_scatter(user_mask.unsqueeze(-1).expand_as(embeds), user.to(embeds.dtype))  # (B, H)
         return embeds
+
+    def _to_token_scale(self, vecs: torch.Tensor) -> torch.Tensor:
+        """(N, H) projected vectors, rescaled to the backbone's mean token-embedding norm with projector_norm=token
+        (the projector's outputs start on other scales than the tokens around them); as they are otherwise."""
+        if self.config.projector_norm != "token":
+            return vecs
+        return vecs * (self.token_norm / vecs.norm(dim=-1, keepdim=True).clamp(min=1e-6))  # (N, H)
 
     def user_representation(self, batch: PromptBatch) -> torch.Tensor:
         with torch.no_grad():
@@ -185,19 +219,33 @@ class ILoraModel(nn.Module):
         answers: torch.Tensor | None = None,
         answer_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        items: torch.Tensor | None = None,
+        query: bool = False,
     ):
         """Without ``answers``: causal-LM outputs (loss on the answer tokens when ``batch.labels`` is set;
         logits of the last ``logits_to_keep`` positions only when it is positive, which needs no labels).
 
         With ``answers`` (B*C, La) and ``answer_mask``: (B, C) sums of answer-token log-probabilities after
         each prompt, all candidates packed behind the prompt in one forward (see :mod:`ilora_cli.llm.scoring`).
-        Both paths go through ``forward`` so that a DDP wrapper sees every training computation.
-        Returns (outputs or scores, gates).
+
+        Item head (left-padded prompts): with ``items`` (B, C), the (B, C) scores ``(W h) · e_c``; with
+        ``query``, the (B, d) query vectors ``W h`` themselves.
+        Every path goes through ``forward`` so that a DDP wrapper sees every training computation.
+        Returns (outputs, scores or queries; gates).
         """
         embeds = self.embed(batch)
         gates = self.gates(batch, embeds)
         positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding safe
         with self.gated(gates):
+            if items is not None or query:
+                if self.item_head is None:
+                    raise ValueError("item scores need a model with the item head")
+                q = self.item_head(self._last_hidden(embeds, batch.attention_mask, positions))  # (B, d)
+                if query:
+                    return q, gates
+                with torch.no_grad():
+                    e = self.encoder.item_embedding(items)  # (B, C, d) frozen
+                return torch.einsum("bd,bcd->bc", q.float(), e.float()), gates  # (B, C)
             if answers is None:
                 out = self.llm(
                     inputs_embeds=embeds,
@@ -208,6 +256,26 @@ class ILoraModel(nn.Module):
                 )
                 return out, gates
             return self._score(embeds, batch.attention_mask, positions, answers, answer_mask), gates
+
+    def _last_hidden(self, embeds, attention_mask, positions) -> torch.Tensor:
+        """(B, H) the decoder's final (normalised) hidden state at each row's last position; prompts are
+        left-padded, so that is every row's last real token. The vocabulary projection is never computed."""
+        decoder = self.llm.get_base_model().base_model  # e.g. LlamaModel inside LlamaForCausalLM, LoRA inside
+        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        return out.last_hidden_state[:, -1]  # (B, H)
+
+    @torch.no_grad()
+    def hidden_states(self, batch: PromptBatch) -> torch.Tensor:
+        """(B, H) the final hidden state at the end of each (left-padded) prompt, under the batch's gates."""
+        embeds = self.embed(batch)
+        gates = self.gates(batch, embeds)
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        with self.gated(gates):
+            return self._last_hidden(embeds, batch.attention_mask, positions)
+
+    def catalogue_scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, N) scores of every catalogue item for (B, d) query vectors."""
+        return queries.float() @ self.encoder.item_embeddings().float().T  # (B, d) @ (d, N)
 
     def _score(self, embeds, attention_mask, positions, answers, answer_mask) -> torch.Tensor:
         """(B, C) summed answer-token log-probabilities, all candidates in one forward after the prompt.
@@ -258,7 +326,7 @@ class ILoraModel(nn.Module):
         return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Parameter groups: LoRA, projector, gate, fusion (each trains at its own learning rate)."""
+        """Parameter groups: LoRA, projector, gate, head, fusion (each trains at its own learning rate)."""
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
         gate = [p for p in self.gate.parameters()]
         if self.token_routers is not None:
@@ -267,7 +335,8 @@ class ILoraModel(nn.Module):
         if self.user_projector is not None:
             projector += list(self.user_projector.parameters())
         fusion = list(self.fusion.parameters()) if self.fusion is not None else []
-        return {"lora": lora, "projector": projector, "gate": gate, "fusion": fusion}
+        head = list(self.item_head.parameters()) if self.item_head is not None else []
+        return {"lora": lora, "projector": projector, "gate": gate, "head": head, "fusion": fusion}
 
 
 def _packed_mask(prompt_mask: torch.Tensor, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

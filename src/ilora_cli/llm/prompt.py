@@ -38,6 +38,14 @@ TEMPLATES = (
 )
 COMPACT_TEMPLATES = ("History:{history}. Candidates:{candidates}. Next {noun}:{user}",)
 TEMPLATE_SETS = {"ilora-v1": TEMPLATES, "compact": COMPACT_TEMPLATES}
+# The same sets without the candidates, for the item head (heads.py), which scores items it was not shown.
+HISTORY_TEMPLATES = (
+    "This user has {verb} {history}. Which {noun} comes next? The answer is",
+    "History: {history}. The next {noun} is",
+    "A user {verb} {history} in that order. The next {noun} is",
+    "Given the {noun}s {history}, the next one is",
+)
+HISTORY_TEMPLATE_SETS = {"ilora-v1": HISTORY_TEMPLATES, "compact": ("History:{history}. Next {noun}:{user}",)}
 
 
 @dataclass
@@ -50,6 +58,7 @@ class PromptBatch:
     history: torch.Tensor  # (B, L) history item ids, right-padded with pad_id
     history_len: torch.Tensor  # (B,)
     candidates: torch.Tensor  # (B, C) candidate item ids
+    candidates_listed: bool = True  # whether the prompt names the candidates (not with the item head)
 
     def to(self, device) -> PromptBatch:
         return PromptBatch(
@@ -57,6 +66,7 @@ class PromptBatch:
             self.history.to(device),
             self.history_len.to(device),
             self.candidates.to(device),
+            self.candidates_listed,
         )
 
 
@@ -71,10 +81,14 @@ class PromptBuilder:
         hybrid: bool = True,
         templates: str = "ilora-v1",
         user_token: bool = False,
+        list_candidates: bool = True,
     ):
+        """``list_candidates=False``: prompts of the history alone (the item head), from the same template set's
+        history-only variant."""
         if templates not in TEMPLATE_SETS:
             raise ValueError(f"unknown template set {templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
-        if user_token and not (hybrid and all("{user}" in t for t in TEMPLATE_SETS[templates])):
+        sets = TEMPLATE_SETS if list_candidates else HISTORY_TEMPLATE_SETS
+        if user_token and not (hybrid and all("{user}" in t for t in sets[templates])):
             raise ValueError(
                 f"the user token needs hybrid prompts and templates with a user slot (compact), not {templates!r}"
             )
@@ -82,7 +96,8 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.hybrid = hybrid
         self.template_set = templates
-        self.templates = TEMPLATE_SETS[templates]
+        self.templates = sets[templates]
+        self.list_candidates = list_candidates
         self.domain = domain if domain in _NOUN else "generic"
         # A title that spelled a placeholder would shift every placeholder after it.
         self.titles = [t.replace(HISTORY_TOKEN, "").replace(CANDIDATE_TOKEN, "").strip() for t in titles]
@@ -109,7 +124,7 @@ class PromptBuilder:
             verb=_VERB[self.domain],
             noun=_NOUN[self.domain],
             history=self._items(history, HISTORY_TOKEN),
-            candidates=self._items(candidates, CANDIDATE_TOKEN),
+            candidates=self._items(candidates, CANDIDATE_TOKEN) if self.list_candidates else "",
             user=USER_TOKEN if self.user_token else "",
         )
 
@@ -181,6 +196,7 @@ class PromptBuilder:
             history=hist,
             history_len=torch.tensor([min(len(h), max_history) for h in histories]),
             candidates=torch.tensor([list(c) for c in candidates], dtype=torch.long),
+            candidates_listed=self.list_candidates,
         )
 
 

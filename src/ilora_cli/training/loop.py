@@ -19,12 +19,17 @@ import yaml
 from .. import __version__
 from ..config import check_minimums, check_range, to_dict
 from ..console import err, progress
+from ..data.holdout import Holdout
 from ..devices import check_device, resolve_device
 from ..errors import UserError
 from ..home import append_json_line, check_name
 from ..home import run_dir as named_run_dir
 from ..llm.experts import GATE_TYPES
+from ..llm.heads import HEAD_INITS, HEADS
 from ..llm.prompt import TEMPLATE_SETS
+
+PROJECTOR_NORMS = ("none", "token")
+LABELS = ("next", "encoder")
 
 OBJECTIVES = ("rank", "generate")
 PROMPTS = ("hybrid", "text")
@@ -42,6 +47,8 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing run directory
     resume: bool = False  # continue the run in the run directory from its newest checkpoint
     encoder: str | None = None  # encoder name or path (default <dataset>-sasrec, trained first if missing)
+    holdout: str | None = None  # None: train on the rows the encoder left out (its holdout, data/holdout.py);
+    # none: on every training row, those the encoder fitted included
     backbone: str | None = None  # HF directory or hub id; default: the built-in SmolLM2-135M-Instruct
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
     load_in_4bit: bool = False  # bitsandbytes NF4 backbone (QLoRA)
@@ -53,7 +60,13 @@ class TrainConfig:
     gate: str = "user"  # user (softmax(Linear(u))), mlp, prompt, token, uniform
     target_modules: str = "all-linear"  # which linear layers get LoRA (peft syntax; comma list allowed)
     prompt: str = "hybrid"  # hybrid (projected item embeddings in the prompt) or text (TALLRec-style)
-    objective: str = "rank"  # rank (listwise over candidate titles) or generate (answer cross-entropy)
+    objective: str = "rank"  # rank (listwise over candidates) or generate (answer cross-entropy, title head)
+    head: str = "title"  # title (candidates listed, scored by their titles' likelihood) or item ((W h) · e_c of
+    # the encoder's item embeddings after a history-only prompt; ranks the whole catalogue; llm/heads.py)
+    head_init: str = "random"  # item head W: random (std 0.02), zeros, or fit (least squares onto the encoder's
+    # user representations of 256 training rows before the first step)
+    head_lr: float | None = None  # item head learning rate (default: projector_lr)
+    projector_norm: str = "none"  # none, or token: projected item/user vectors rescaled to the token norm
     normalize: str = "mean"  # candidate score: mean or sum of title token log-probs (rank objective, eval)
     templates: str = "compact"  # prompt template set: compact (a third fewer tokens, 0.6x the step time on
     # LastFM) or ilora-v1 (paraphrases with every history title; docs/BENCHMARKS.md)
@@ -64,6 +77,8 @@ class TrainConfig:
     fusion: str | None = None  # learned: rank by a·LLM score + b·encoder score, a and b trained from a=0, b=1
     # (rank objective); none: by the LLM's score alone; None: learned for rank, none for generate
     fusion_lr: float = 2e-2  # learning rate of the fusion weights a and b
+    label: str = "next"  # rank objective's target: next (the true next item) or encoder (the encoder's top-ranked
+    # candidate of the same prompt: a diagnostic of whether the head can learn what the encoder's vectors say)
     hard_negatives: float = 0.0  # fraction of each training prompt's negatives drawn from the encoder's top items
     hard_pool: int = 100  # ... of its top this many items of the catalogue (history excluded)
     candidates: int = 20  # candidates in each training prompt
@@ -104,6 +119,18 @@ class TrainConfig:
             raise UserError(f"Unknown prompt {self.prompt!r}; choose hybrid or text.")
         if self.templates not in TEMPLATE_SETS:
             raise UserError(f"Unknown template set {self.templates!r}; choose one of: {', '.join(TEMPLATE_SETS)}.")
+        if self.head not in HEADS:
+            raise UserError(f"Unknown head {self.head!r}; choose title or item.")
+        if self.head_init not in HEAD_INITS:
+            raise UserError(f"Unknown head_init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}.")
+        if self.projector_norm not in PROJECTOR_NORMS:
+            raise UserError(f"projector_norm must be none or token; got {self.projector_norm!r}.")
+        if self.label not in LABELS:
+            raise UserError(f"label must be next or encoder; got {self.label!r}.")
+        if self.label != "next" and self.objective != "rank":
+            raise UserError("label=encoder picks one of the candidates: it needs the rank objective.")
+        if self.head == "item" and self.objective != "rank":
+            raise UserError("The item head scores items, not text: it trains with the rank objective, not generate.")
         self._resolve_objective_defaults()
         if self.user_token and (self.prompt != "hybrid" or self.templates != "compact"):
             raise UserError("user_token needs the hybrid prompt and the compact templates (templates=compact).")
@@ -142,12 +169,14 @@ class TrainConfig:
             raise UserError("--resume and --overwrite contradict each other; pick one.")
         if self.name is not None:
             check_name(self.name, "run name")
+        if self.holdout is not None:
+            self.holdout = Holdout.parse(self.holdout).spec
 
     def _check_ranges(self) -> None:
         """Every number where it makes sense (NaN and infinities nowhere): one sentence for the first that does not."""
         for name in ("lr", "alpha", "epochs", "max_grad_norm", "distill_temperature"):
             check_range(self, name, low=0, low_open=True)
-        for name in ("projector_lr", "gate_lr", "fusion_lr", "weight_decay", "distill_weight"):
+        for name in ("projector_lr", "gate_lr", "head_lr", "fusion_lr", "weight_decay", "distill_weight"):
             check_range(self, name, low=0)
         for name in ("warmup_ratio", "min_lr_ratio", "hard_negatives"):
             check_range(self, name, low=0, high=1)
@@ -199,7 +228,11 @@ def ensure_encoder(config: TrainConfig, dataset) -> tuple[Any, dict[str, Any]]:
         from ..encoders.train import EncodeConfig, encode
 
         err.print(f"No encoder {name!r} yet: training SASRec on {dataset.name!r} first (ilora encode).")
-        encode(EncodeConfig(dataset=str(dataset.path), name=name, seed=config.seed, quiet=config.quiet))
+        encode(
+            EncodeConfig(
+                dataset=str(dataset.path), name=name, seed=config.seed, quiet=config.quiet, holdout=config.holdout
+            )
+        )
     encoder, info = load_encoder(name)
     check_compatible(info, dataset)
     return encoder, info
@@ -214,6 +247,42 @@ def build_batch(builder, samples, objective: str, pad_id: int, max_history: int)
         return builder.batch(hist, cands, [s.target for s in samples], templates, pad_id, max_history), None
     prefix = builder.batch(hist, cands, None, templates, pad_id, max_history, padding_side="left")
     return prefix, torch.tensor([s.target_index for s in samples])
+
+
+def batch_loss(
+    model, unwrapped, scorer, builder, batch, target_index, config
+) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The training objective of one batch (on ``model``, which may be DDP-wrapped; ``unwrapped`` is the
+    :class:`~ilora_cli.llm.model.ILoraModel` itself), its terms as floats, and the gates (B, K).
+
+    ``generate``: the answer tokens' cross-entropy. ``rank``: the listwise loss over the candidates' scores by
+    the run's head, plus distillation towards the encoder and the fusion weights' own term (objectives.py).
+    ``config`` holds the objective's settings (a TrainConfig).
+    """
+    from .objectives import rank_loss
+
+    if config.objective == "generate":
+        out, gates = model(batch)
+        return out.loss, {}, gates
+    scores, gates = scorer.candidate_scores(model, builder, batch, config.normalize)  # (B, C)
+    label = getattr(config, "label", "next")
+    needs_encoder = config.distill_weight > 0 or unwrapped.fusion is not None or label == "encoder"
+    encoder = unwrapped.encoder_scores(batch) if needs_encoder else None  # (B, C)
+    target = encoder.argmax(-1) if label == "encoder" else target_index.to(scores.device)  # (B,)
+    loss, terms = rank_loss(
+        scores,
+        encoder,
+        target,
+        distill_weight=config.distill_weight,
+        temperature=config.distill_temperature,
+        fusion=unwrapped.fusion,
+    )
+    # the LLM alone on its own batch: HR@1 and MRR against the label it learns (ties counted pessimistically)
+    s = scores.detach().float()
+    rank = (s > s.gather(1, target[:, None])).sum(1) + (s == s.gather(1, target[:, None])).sum(1) - 1  # (B,)
+    terms["hr@1"] = float((rank == 0).float().mean())
+    terms["mrr"] = float((1.0 / (rank + 1).float()).mean())
+    return loss, terms, gates
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -295,6 +364,7 @@ class Trainer:
         set_seed(config.seed)
 
     def _setup_data(self) -> None:
+        from ..data.holdout import second_stage_rows
         from ..data.prepared import PreparedDataset
         from ..llm.prompt import TEMPLATE_SETS
         from .samples import TrainSamples
@@ -308,6 +378,14 @@ class Trainer:
             encoder, enc_info = ensure_encoder(config, self.dataset)
         self.encoder, self.enc_info = encoder, enc_info
         self.split = self.dataset.split("train")
+        rows, self.holdout = second_stage_rows(self.dataset, enc_info, config.holdout)
+        if self.holdout["encoder_saw_training_rows"] and self.main:
+            err.print(
+                f"[yellow]note:[/] the encoder {Path(enc_info['path']).name!r} was fitted on the rows this run trains "
+                "on, so its scores there are far better than on new users (holdout "
+                f"{self.holdout['spec']}, training on {self.holdout['train_rows_from']}); an encoder with a holdout "
+                "leaves rows out for this stage (`ilora encode`, data/holdout.py)."
+            )
         self.samples = TrainSamples(
             self.split,
             self.dataset.n_items,
@@ -315,6 +393,7 @@ class Trainer:
             config.seed,
             config.max_train_samples,
             n_templates=len(TEMPLATE_SETS[config.templates]),
+            rows=rows,
         )
         if config.hard_negatives > 0:
             self.samples.use_hard_negatives(encoder, config.hard_negatives, config.hard_pool)
@@ -331,6 +410,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         from ..llm.backbone import load_backbone, prepare_for_training
+        from ..llm.heads import scorer
         from ..llm.model import ExpertConfig, ILoraModel, attach_lora
         from ..llm.prompt import PromptBuilder
 
@@ -347,11 +427,15 @@ class Trainer:
             target_modules=_targets(config.target_modules),
             hybrid=config.prompt == "hybrid",
             user_token=config.user_token,
+            head=config.head,
+            projector_norm=config.projector_norm,
         )
         torch.manual_seed(config.seed)
         fusion = {} if config.fusion == "learned" else None  # the initial weights: the encoder's ranking
-        self.model = ILoraModel(attach_lora(base, self.experts), tokenizer, self.encoder, self.experts, fusion=fusion)
+        lora = attach_lora(base, self.experts)
+        self.model = ILoraModel(lora, tokenizer, self.encoder, self.experts, fusion=fusion, head_init=config.head_init)
         self.model.to(self.accelerator.device)
+        self.scorer = scorer(config.head)
         self.builder = PromptBuilder(
             tokenizer,
             self.dataset.titles,
@@ -359,17 +443,45 @@ class Trainer:
             hybrid=self.experts.hybrid,
             templates=config.templates,
             user_token=config.user_token,
+            list_candidates=self.scorer.lists_candidates,
         )
+        self.head_fit = None
+        if config.head == "item" and config.head_init == "fit" and not config.resume:
+            self.head_fit = self._fit_head()
         self.load_seconds = time.perf_counter() - t_load
+
+    def _fit_head(self, rows: int = 256) -> dict[str, float]:
+        """head_init=fit: W by least squares from the untrained model's final hidden states of the first training
+        rows (epoch 0's order) onto the encoder's user representations (llm/heads.py)."""
+        from ..llm.heads import fit_item_head
+
+        order = self.samples.order(0)[:rows]
+        samples = [self.samples.sample(r, 0) for r in order]
+        device = self.accelerator.device
+        prefixes = [
+            build_batch(self.builder, samples[i : i + 32], "rank", self.dataset.pad_id, self.dataset.max_history)[0].to(
+                device
+            )
+            for i in range(0, len(samples), 32)
+        ]
+        fit = fit_item_head(self.model, prefixes)
+        if self.main:
+            err.print(
+                f"Fitted the item head to the encoder's user representations on {fit['rows']} training rows "
+                f"(relative residual {fit['relative_residual']:.3f})."
+            )
+        return fit
 
     def _setup_optimizer(self) -> None:
         config = self.config
         groups = self.model.trainable_parameters()
         gate_lr = config.gate_lr if config.gate_lr is not None else 0.3 * config.lr
+        head_lr = config.head_lr if config.head_lr is not None else config.projector_lr
         settings = {
             "lora": (config.lr, 0.0),
             "projector": (config.projector_lr, config.weight_decay),
             "gate": (gate_lr, config.weight_decay),
+            "head": (head_lr, config.weight_decay),
             "fusion": (config.fusion_lr, 0.0),
         }
         self.optimizer = torch.optim.AdamW(
@@ -469,13 +581,17 @@ class Trainer:
         if not self.main:
             return
         config, samples, builder = self.config, self.samples, self.builder
+        answer_tokens = (lambda s: len(builder.answer_ids(s.target))) if self.scorer.kind == "title" else (lambda s: 0)
         sample_tokens = [
-            len(builder.prompt_ids(s.history, s.candidates, s.template)) + len(builder.answer_ids(s.target))
+            len(builder.prompt_ids(s.history, s.candidates, s.template)) + answer_tokens(s)
             for s in (samples.sample(r, 0) for r in samples.order(0)[:32])
         ]
         mean_tokens = float(np.mean(sample_tokens))
         n = self.total_steps * self.per_step
-        extras = [f"{config.templates} templates" + (" with the user token" if config.user_token else "")]
+        extras = [
+            f"{config.head} head",
+            f"{config.templates} templates" + (" with the user token" if config.user_token else ""),
+        ]
         if config.distill_weight > 0:
             extras.append(f"distillation {config.distill_weight:g} at τ={config.distill_temperature:g}")
         if config.fusion == "learned":
@@ -504,30 +620,14 @@ class Trainer:
 
     def loss(self, batch_samples) -> tuple[torch.Tensor, dict[str, float]]:
         """The objective of one micro-batch, and its terms."""
-        from ..llm.scoring import normalise_scores, pad_answers
-        from .objectives import rank_loss
-
         config, device, model = self.config, self.accelerator.device, self.model
         batch, target_index = build_batch(
             self.builder, batch_samples, config.objective, self.dataset.pad_id, self.dataset.max_history
         )
-        batch = batch.to(device)
-        if config.objective == "generate":
-            out, _ = model(batch)
-            return out.loss, {}
-        answers, answer_mask = pad_answers(self.builder, batch.candidates.tolist())
-        answer_mask = answer_mask.to(device)
-        scores, _ = model(batch, answers=answers.to(device), answer_mask=answer_mask)
-        scores = normalise_scores(scores, answer_mask, config.normalize)
-        needs_encoder = config.distill_weight > 0 or self.unwrapped.fusion is not None
-        return rank_loss(
-            scores,
-            self.unwrapped.encoder_scores(batch) if needs_encoder else None,
-            target_index.to(device),
-            distill_weight=config.distill_weight,
-            temperature=config.distill_temperature,
-            fusion=self.unwrapped.fusion,
+        loss, terms, _ = batch_loss(
+            model, self.unwrapped, self.scorer, self.builder, batch.to(device), target_index, config
         )
+        return loss, terms
 
     def step(self) -> tuple[float, dict[str, float]]:
         """One optimisation step (``grad_accum`` micro-steps); returns its loss and terms, averaged."""
@@ -538,7 +638,7 @@ class Trainer:
                 loss, terms = self.loss(self.micro_batch(micro))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    self._clip_gradients()
                 self.optimizer.step()
                 self.optimizer.zero_grad()
             step_loss += loss.detach().float().item() / config.grad_accum
@@ -548,6 +648,16 @@ class Trainer:
         self.step_count += 1
         step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
         return step_loss, step_terms
+
+    def _clip_gradients(self) -> None:
+        """Clip the model's gradient norm to max_grad_norm, the fusion weights' on their own: two numbers with
+        gradients of order 1 would otherwise be scaled down with the millions of LoRA weights."""
+        groups = self.unwrapped.trainable_parameters()
+        fusion = {id(p) for p in groups["fusion"]}
+        model_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in fusion]
+        self.accelerator.clip_grad_norm_(model_params, self.config.max_grad_norm)
+        if groups["fusion"]:
+            torch.nn.utils.clip_grad_norm_(groups["fusion"], self.config.max_grad_norm)
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -580,7 +690,8 @@ class Trainer:
                     per = train_seconds / (done_samples / self.per_step)
                     err.print(
                         f"≈{per:.1f} s/step: about {(self.total_steps - step) * per / 60:.1f} min left for this run "
-                        f"(a full epoch of {len(self.split):,} rows would take ≈{len(self.split) / sps / 3600:.1f} h "
+                        f"(a full epoch of the {self.holdout['rows']:,} rows it may train on would take "
+                        f"≈{self.holdout['rows'] / sps / 3600:.1f} h "
                         "at this speed)."
                     )
                     estimate_printed = True
@@ -626,7 +737,7 @@ class Trainer:
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
             "loss": loss,
-            **{f"loss_{k}": v for k, v in terms.items()},
+            **{(f"train_{k}" if k in ("hr@1", "mrr") else f"loss_{k}"): v for k, v in terms.items()},
             "lr": lr,
             "samples_per_second": sps,
             "seconds": round(seconds, 4),
@@ -774,6 +885,7 @@ class Trainer:
                 ev = EvalConfig(runs=["training"], draws=config.validate_draws, max_samples=config.validate_rows)
                 self._val_split = load_split(ev, self.dataset)
             info = {
+                "experts": {"head": config.head},
                 "dataset": {"pad_id": self.dataset.pad_id, "max_history": self.dataset.max_history},
                 "normalize": config.normalize,
                 "fusion": model.fusion.weights() if model.fusion is not None else None,
@@ -792,6 +904,7 @@ class Trainer:
             result = {
                 "step": step,
                 "samples": step * self.per_step,
+                "llm_encoder_top1_agreement": out.get("llm_encoder_top1_agreement"),
                 "val": {
                     name: {m: r["metrics"][m]["mean"] for m in ("hr@1", "hr@5", "ndcg@5", "mrr")}
                     for name, r in rankings.items()
@@ -892,12 +1005,17 @@ class Trainer:
                 "target_modules": experts.target_modules,
                 "hybrid": experts.hybrid,
                 "user_token": experts.user_token,
+                "head": experts.head,
+                "projector_norm": experts.projector_norm,
             },
+            "head": {"kind": experts.head, "init": config.head_init if experts.head == "item" else None}
+            | ({"fit": self.head_fit} if self.head_fit else {}),
             "prompt": config.prompt,
             "objective": config.objective,
             "normalize": config.normalize,
             "templates": config.templates,
             "fusion": fusion.weights() if fusion is not None else None,
+            "holdout": dict(self.holdout, train_rows=len(self.samples)),
             "encoder": {
                 "type": enc_info["type"],
                 "name": Path(enc_info["path"]).name,
@@ -919,7 +1037,9 @@ class Trainer:
 
 def is_trained_weight(name: str) -> bool:
     """Whether an :class:`ILoraModel` parameter is one that training changes (and a run saves)."""
-    return "lora_" in name or name.startswith(("projector.", "user_projector.", "gate.", "token_routers.", "fusion."))
+    return "lora_" in name or name.startswith(
+        ("projector.", "user_projector.", "gate.", "token_routers.", "fusion.", "item_head.")
+    )
 
 
 def weights_digest(model) -> str:

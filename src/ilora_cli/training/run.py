@@ -7,6 +7,7 @@ adapter/               the PEFT LoRA adapter (adapter_config.json + adapter_mode
 projector.safetensors  item-embedding projector (absent for text-only prompts)
 user_projector.safetensors  the user representation's projector (only with ``user_token``)
 gate.safetensors       gate (and per-token routers) weights
+head.safetensors       the item head's W (only with ``head=item``)
 encoder/               a copy of the frozen collaborative encoder (safetensors + JSON)
 items.json             item titles, so a run can recommend without the prepared dataset
 logs/train.jsonl       one line per logged optimisation step
@@ -58,6 +59,7 @@ RUN_FILES = (
     "projector.safetensors",
     "user_projector.safetensors",
     "gate.safetensors",
+    "head.safetensors",
     "encoder/encoder.json",
     "encoder/encoder.safetensors",
 )
@@ -91,8 +93,16 @@ def _write_final(run_dir: Path, model, info: dict[str, Any]) -> None:
     gate = {f"gate.{k}": v for k, v in module_tensors(model.gate).items()}
     gate.update({f"token_routers.{k}": v for k, v in module_tensors(model.token_routers).items()})
     save_file(gate or {"gate.empty": torch.zeros(0)}, tmp / "gate.safetensors")
+    if model.item_head is not None:
+        save_file(module_tensors(model.item_head), tmp / "head.safetensors")
     fsync_tree(tmp)
-    for name in ("adapter", "projector.safetensors", "user_projector.safetensors", "gate.safetensors"):
+    for name in (
+        "adapter",
+        "projector.safetensors",
+        "user_projector.safetensors",
+        "gate.safetensors",
+        "head.safetensors",
+    ):
         src, dst = tmp / name, run_dir / name
         if not src.exists():
             continue
@@ -132,6 +142,8 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
         "target_modules": (str, list),
         "hybrid": (bool,),
         "user_token": (bool,),
+        "head": (str,),
+        "projector_norm": (str,),
     },
     "encoder": {"sha256": (str,)},
     "dataset": {
@@ -143,7 +155,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
         "pad_id": (int,),
     },
 }
-_OPTIONAL = {("experts", "user_token")}
+_OPTIONAL = {("experts", "user_token"), ("experts", "head"), ("experts", "projector_norm")}
 
 
 def _type_ok(value: Any, types: tuple) -> bool:
@@ -155,6 +167,7 @@ def _type_ok(value: Any, types: tuple) -> bool:
 def schema_problem(info: Any) -> str | None:
     """What is wrong with an ``ilora.json`` document (a missing key, a wrong type, a value out of range)."""
     from ..llm.experts import GATE_TYPES
+    from ..llm.heads import HEADS
 
     if not isinstance(info, dict):
         return "ilora.json is not a JSON object"
@@ -176,6 +189,10 @@ def schema_problem(info: Any) -> str | None:
         return f"ilora.json's rank {ex['rank']} is not a positive multiple of its {ex['experts']} experts"
     if ex["gate"] not in GATE_TYPES:
         return f"ilora.json names an unknown gate {ex['gate']!r}"
+    if ex.get("head", "title") not in HEADS:
+        return f"ilora.json names an unknown head {ex['head']!r}"
+    if ex.get("projector_norm", "none") not in ("none", "token"):
+        return f"ilora.json names an unknown projector_norm {ex['projector_norm']!r}"
     if ds["n_items"] < 1 or ds["pad_id"] != ds["n_items"] or ds["max_history"] < 1:
         return "ilora.json's dataset sizes are inconsistent"
     fusion = info.get("fusion")
@@ -214,9 +231,15 @@ def check_run_files(run_dir: Path, info: dict[str, Any]) -> None:
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "gate.safetensors", "items.json"):
         if not (run_dir / name).is_file():
             raise _damaged(run_dir, f"{name} is missing")
-    for name, wanted in (("projector.safetensors", hybrid), ("user_projector.safetensors", hybrid and user_token)):
+    item_head = ex.get("head", "title") == "item"
+    wanted_files = (
+        ("projector.safetensors", hybrid),
+        ("user_projector.safetensors", hybrid and user_token),
+        ("head.safetensors", item_head),
+    )
+    for name, wanted in wanted_files:
         if (run_dir / name).is_file() != wanted:
-            says = f"hybrid={hybrid}, user_token={user_token}"
+            says = f"hybrid={hybrid}, user_token={user_token}, head={ex.get('head', 'title')}"
             raise _damaged(run_dir, f"{name} is {'missing' if wanted else 'present'} although ilora.json says {says}")
     try:
         adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
@@ -249,6 +272,10 @@ def check_run_files(run_dir: Path, info: dict[str, Any]) -> None:
         ok = False
     if not ok or len(titles) != info["dataset"]["n_items"]:
         raise _damaged(run_dir, f"items.json does not list the {info['dataset']['n_items']} item titles")
+    if item_head:
+        shape = _shapes(run_dir / "head.safetensors").get("proj.weight")
+        if shape is None or len(shape) != 2:
+            raise _damaged(run_dir, "head.safetensors does not hold the item head's proj.weight")
 
 
 def read_info(run_dir: Path) -> dict[str, Any]:
@@ -281,6 +308,17 @@ class LoadedRun:
     def normalize(self) -> str:
         """The candidate-score normalisation the run was trained with (runs that predate the key: sum)."""
         return self.info.get("normalize", "sum")
+
+    @property
+    def head(self) -> str:
+        """The run's scoring head: title (runs that predate the key) or item."""
+        return self.info.get("experts", {}).get("head", "title")
+
+    @property
+    def scorer(self):
+        from ..llm.heads import scorer
+
+        return scorer(self.head)
 
     @property
     def fusion(self) -> dict[str, float] | None:
@@ -327,6 +365,8 @@ def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None
         model.gate.load_state_dict({k[5:]: v for k, v in gate.items() if k.startswith("gate.") and k != "gate.empty"})
         if model.token_routers is not None:
             model.token_routers.load_state_dict({k[14:]: v for k, v in gate.items() if k.startswith("token_routers.")})
+        if model.item_head is not None:
+            model.item_head.load_state_dict(load_file(run_dir / "head.safetensors"))
     except (RuntimeError, ValueError, KeyError, SafetensorError) as exc:
         # what the checks above cannot see: a run of an older version without a manifest, edited by hand
         raise _damaged(run_dir, f"its weights do not fit the model ({str(exc).splitlines()[0][:200]})") from None
@@ -339,5 +379,6 @@ def load_run(run_dir: Path | str, device: str = "cpu", load_in_4bit: bool | None
         hybrid=cfg.hybrid,
         templates=info.get("templates", "ilora-v1"),
         user_token=cfg.user_token,
+        list_candidates=cfg.head != "item",
     )
     return LoadedRun(model=model, tokenizer=tokenizer, builder=builder, info=info, titles=titles)

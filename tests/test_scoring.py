@@ -143,3 +143,22 @@ def test_batches_and_answers_hold_each_rows_tokens_in_place(side):
         answer = builder.answer_ids(item)
         assert ids[k, : len(answer)].tolist() == answer and mask[k].sum() == len(answer)
         assert (ids[k, len(answer) :] == builder.pad_id).all()
+
+
+def test_backbones_that_transform_their_logits_are_scored_through_their_own_output():
+    """A backbone whose config scales or caps its logits (Granite, Cohere, Gemma 2) is scored from its own
+    logits, not from its output layer applied to the hidden states; both paths equal full forwards."""
+    from ilora_cli.llm.model import _plain_output_layer
+
+    model, builder = _setup()
+    assert _plain_output_layer(model.llm.config)
+    hist, cands = [[0, 1, 2], [3, 4, 5, 6, 7]], [[3, 4, 5, 6], [0, 1, 2, 11]]
+    prefix = builder.batch(hist, cands, pad_id=N_ITEMS, padding_side="left")
+    with torch.no_grad():
+        fast, _ = candidate_logprobs(model, builder, prefix, torch.tensor(cands))
+        model.llm.config.logits_scaling = 2.0  # Llama ignores it: the same logits, through the other path
+        assert not _plain_output_layer(model.llm.config)
+        own, _ = candidate_logprobs(model, builder, prefix, torch.tensor(cands))
+        slow = _naive(model, builder, hist, cands)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(own, slow, rtol=1e-4, atol=1e-4)

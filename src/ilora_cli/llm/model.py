@@ -313,7 +313,22 @@ class ILoraModel(nn.Module):
         all_embeds = torch.cat([embeds, self.llm.get_input_embeddings()(packed).to(embeds.dtype)], dim=1)
         all_pos = torch.cat([positions, answer_pos], dim=1)
         mask = _packed_mask(attention_mask.bool(), block, embeds.dtype)
-        out = self.llm(
+        first_tokens = answers[:, 0].view(n_rows, n_cands)  # (B, C): every answer's first token
+        if _plain_output_layer(self.llm.config):
+            # Only the positions that predict an answer token, and only the log-probabilities of those tokens:
+            # the log-sum-exp over the vocabulary and one logit per position, never a log-softmax of every
+            # position's whole vocabulary (or a copy of it per packed token).
+            decoder = self.llm.get_base_model().base_model
+            h = decoder(inputs_embeds=all_embeds, attention_mask=mask, position_ids=all_pos, use_cache=False)
+            h = h.last_hidden_state  # (B, T+W, H)
+            t = embeds.shape[1]
+            hidden = torch.cat([h[:, t - 1], h[row, t + col]])  # (B + N, H): the prompt's last position, the slots
+            logits = self.llm.get_output_embeddings()(hidden).float()  # (B + N, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (B + N,)
+            first = logits[:n_rows].gather(1, first_tokens) - lse[:n_rows, None]  # (B, C): answer token 0
+            rest = logits[n_rows:].gather(1, targets[:, None]).squeeze(1) - lse[n_rows:]  # (N,): tokens 1..L-1
+            return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
+        out = self.llm(  # a backbone that transforms its logits (soft-capping, scaling): its own output
             inputs_embeds=all_embeds,
             attention_mask=mask,
             position_ids=all_pos,
@@ -321,7 +336,7 @@ class ILoraModel(nn.Module):
             logits_to_keep=width + 1,  # the prompt's last position and every packed slot
         )
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, 1 + W, V)
-        first = logp[:, 0].gather(1, answers[:, 0].view(n_rows, n_cands))  # (B, C): answer token 0
+        first = logp[:, 0].gather(1, first_tokens)  # (B, C): answer token 0
         rest = logp[row, 1 + col].gather(1, targets[:, None]).squeeze(1)  # (N,): tokens 1..L-1
         return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
 
@@ -337,6 +352,14 @@ class ILoraModel(nn.Module):
         fusion = list(self.fusion.parameters()) if self.fusion is not None else []
         head = list(self.item_head.parameters()) if self.item_head is not None else []
         return {"lora": lora, "projector": projector, "gate": gate, "head": head, "fusion": fusion}
+
+
+def _plain_output_layer(config) -> bool:
+    """Whether the backbone's logits are its output layer applied to the final hidden state, and nothing more
+    (no soft-capping as in Gemma 2, no logit scaling as in Cohere or Granite)."""
+    configs = [config, getattr(config, "text_config", None)]
+    transforms = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+    return not any(getattr(c, k, None) not in (None, 1, 1.0) for c in configs if c is not None for k in transforms)
 
 
 def _packed_mask(prompt_mask: torch.Tensor, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

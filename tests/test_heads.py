@@ -239,3 +239,23 @@ def test_item_head_end_to_end_on_synthetic_data(synthetic, tmp_path, monkeypatch
     (tmp_path / "copy" / "head.safetensors").write_bytes(b"broken")
     r = run_cli("eval", "--run", str(tmp_path / "copy"), home=home)
     assert r.returncode == 2 and "damaged" in r.stderr and "head.safetensors" in r.stderr
+
+
+def test_the_catalogue_loss_is_the_cross_entropy_over_every_item():
+    """loss_over=catalogue: softmax over the whole catalogue's (W h) · e scores, the true next item as target."""
+    from ilora_cli.training.loop import TrainConfig, batch_loss
+
+    model, builder = _item_setup()
+    prefix = _prefix(builder)
+    target_index = torch.tensor([0, 2, 1])  # positions among CANDS of the true next items
+    config = TrainConfig(head="item", loss_over="catalogue", fusion="none")
+    config.validate()
+    with torch.no_grad():
+        loss, terms, gates = batch_loss(model, model, scorer("item"), builder, prefix, target_index, config)
+        queries, _ = model(prefix, query=True)
+    targets = torch.tensor([CANDS[0][0], CANDS[1][2], CANDS[2][1]])
+    expected = torch.nn.functional.cross_entropy(queries @ model.encoder.item_embeddings().T, targets)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert set(terms) == {"listwise", "hr@1", "mrr"} and gates.shape == (3, 4)
+    with pytest.raises(Exception, match="only the item head"):
+        TrainConfig(loss_over="catalogue").validate()

@@ -77,6 +77,8 @@ class TrainConfig:
     fusion: str | None = None  # learned: rank by a·LLM score + b·encoder score, a and b trained from a=0, b=1
     # (rank objective); none: by the LLM's score alone; None: learned for rank, none for generate
     fusion_lr: float = 2e-2  # learning rate of the fusion weights a and b
+    loss_over: str = "candidates"  # the rank objective's softmax: over the prompt's candidates, or (item head)
+    # over the whole catalogue, as the encoder is trained
     label: str = "next"  # rank objective's target: next (the true next item) or encoder (the encoder's top-ranked
     # candidate of the same prompt: a diagnostic of whether the head can learn what the encoder's vectors say)
     hard_negatives: float = 0.0  # fraction of each training prompt's negatives drawn from the encoder's top items
@@ -125,6 +127,10 @@ class TrainConfig:
             raise UserError(f"Unknown head_init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}.")
         if self.projector_norm not in PROJECTOR_NORMS:
             raise UserError(f"projector_norm must be none or token; got {self.projector_norm!r}.")
+        if self.loss_over not in ("candidates", "catalogue"):
+            raise UserError(f"loss_over must be candidates or catalogue; got {self.loss_over!r}.")
+        if self.loss_over == "catalogue" and self.head != "item":
+            raise UserError("loss_over=catalogue scores every item, which only the item head does (head=item).")
         if self.label not in LABELS:
             raise UserError(f"label must be next or encoder; got {self.label!r}.")
         if self.label != "next" and self.objective != "rank":
@@ -264,11 +270,19 @@ def batch_loss(
     if config.objective == "generate":
         out, gates = model(batch)
         return out.loss, {}, gates
-    scores, gates = scorer.candidate_scores(model, builder, batch, config.normalize)  # (B, C)
     label = getattr(config, "label", "next")
     needs_encoder = config.distill_weight > 0 or unwrapped.fusion is not None or label == "encoder"
-    encoder = unwrapped.encoder_scores(batch) if needs_encoder else None  # (B, C)
-    target = encoder.argmax(-1) if label == "encoder" else target_index.to(scores.device)  # (B,)
+    if getattr(config, "loss_over", "candidates") == "catalogue":  # item head: the whole catalogue is the softmax
+        queries, gates = model(batch, query=True)  # (B, d)
+        scores = unwrapped.catalogue_scores(queries)  # (B, N)
+        target_ids = batch.candidates.gather(1, target_index.to(batch.candidates.device)[:, None]).squeeze(1)
+        with torch.no_grad():
+            encoder = unwrapped.encoder.score_all(batch.history, batch.history_len).float() if needs_encoder else None
+    else:
+        scores, gates = scorer.candidate_scores(model, builder, batch, config.normalize)  # (B, C)
+        target_ids = target_index.to(scores.device)  # (B,) positions among the candidates
+        encoder = unwrapped.encoder_scores(batch) if needs_encoder else None  # (B, C)
+    target = encoder.argmax(-1) if label == "encoder" else target_ids  # (B,)
     loss, terms = rank_loss(
         scores,
         encoder,

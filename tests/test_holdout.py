@@ -27,7 +27,9 @@ def test_specs_parse_and_bad_ones_are_one_sentence():
     assert Holdout.parse(" LAST:3 ").spec == "last:3"
     assert Holdout.parse("none").active is False
     assert Holdout.parse(None).spec == DEFAULT_HOLDOUT
-    for bad in ("users:0", "users:1", "users:1.5", "last:0", "last:-1", "half", "users:abc", "last:2.5", ""):
+    assert Holdout.parse("last:1:0.5") == Holdout("last", 1, 0.5) and Holdout.parse("last:2:1").spec == "last:2"
+    bad_specs = ("users:0", "users:1", "users:1.5", "last:0", "last:-1", "half", "users:abc", "last:2.5", "")
+    for bad in (*bad_specs, "last:1:0", "last:1:1.5", "last:1:x"):
         with pytest.raises(UserError, match="holdout"):
             Holdout.parse(bad)
 
@@ -52,6 +54,13 @@ def test_last_holdout_takes_each_users_latest_rows():
     interleaved = np.array([5, 6, 5, 6, 5])
     assert second_stage_mask(interleaved, Holdout("last", 1), seed=0).tolist() == [False, False, False, True, True]
     assert second_stage_mask(users, Holdout("none"), seed=0).all()
+    # last:N:F: the last N rows of a seeded fraction of the users only
+    many = np.repeat(np.arange(10), 4)  # 10 users of 4 rows
+    mask = second_stage_mask(many, Holdout("last", 2, 0.3), seed=1)
+    held = np.unique(many[mask])
+    assert len(held) == 3 and mask.sum() == 6
+    for u in held:
+        assert mask[many == u].tolist() == [False, False, True, True]
 
 
 def test_prefix_windows_chain_into_users():

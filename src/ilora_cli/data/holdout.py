@@ -8,7 +8,8 @@ right. Like every stacked model, the second stage must learn on rows the first s
 - ``users:F`` — a seeded fraction F of the training users: all their rows go to the second stage and none to
   the encoder, which therefore meets them as it meets validation users (never seen);
 - ``last:N`` — the last N rows (the latest transitions) of every training user go to the second stage; the
-  encoder fits the earlier ones;
+  encoder fits the earlier ones; ``last:N:F`` does so for a seeded fraction F of the users only, and the
+  encoder fits every row of the others;
 - ``none`` — the encoder fits every row, and the second stage trains on the same rows.
 
 The division is a pure function of the train split, the spec and the dataset's seed, so ``encode`` and
@@ -31,7 +32,8 @@ from ..errors import UserError
 DEFAULT_HOLDOUT = "users:0.2"  # measured against the alternatives in docs/BENCHMARKS.md (the holdout)
 NO_HOLDOUT = "none"
 _USER_STREAM = 0x5E7A  # keeps the holdout's random stream apart from the other seeded draws
-_SPEC = re.compile(r"^(users):(0?\.\d+|0|1(\.0*)?)$|^(last):(\d+)$|^(none)$")
+_FRACTION = r"(0?\.\d+|0|1(?:\.0*)?)"
+_SPEC = re.compile(rf"^(users):{_FRACTION}$|^(last):(\d+)(?::{_FRACTION})?$|^(none)$")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Holdout:
 
     method: str  # users, last or none
     value: float = 0.0  # the users' fraction, or the rows per user
+    users: float = 1.0  # last: the fraction of the users whose last rows are held out
 
     @classmethod
     def parse(cls, spec: str | None) -> Holdout:
@@ -47,8 +50,8 @@ class Holdout:
         m = _SPEC.match(text)
         if m is None:
             raise UserError(
-                f"holdout must be users:F (a fraction of the training users, 0 < F < 1), last:N (each user's "
-                f"last N rows, N ≥ 1) or none; got {spec!r}."
+                f"holdout must be users:F (a fraction of the training users, 0 < F < 1), last:N or last:N:F (the "
+                f"last N ≥ 1 rows of every user, or of a fraction F of the users) or none; got {spec!r}."
             )
         if m.group(6):
             return cls(NO_HOLDOUT)
@@ -57,17 +60,20 @@ class Holdout:
             if not 0 < fraction < 1:
                 raise UserError(f"holdout users:F needs 0 < F < 1 (some users for each stage); got {spec!r}.")
             return cls("users", fraction)
-        n = int(m.group(5))
+        n = int(m.group(4))
+        users = float(m.group(5)) if m.group(5) is not None else 1.0
         if n < 1:
             raise UserError(f"holdout last:N needs N ≥ 1; got {spec!r}.")
-        return cls("last", n)
+        if not 0 < users <= 1:
+            raise UserError(f"holdout last:N:F needs 0 < F ≤ 1 (the fraction of the users); got {spec!r}.")
+        return cls("last", n, users)
 
     @property
     def spec(self) -> str:
         if self.method == "users":
             return f"users:{self.value:g}"
         if self.method == "last":
-            return f"last:{int(self.value)}"
+            return f"last:{int(self.value)}" + (f":{self.users:g}" if self.users < 1 else "")
         return NO_HOLDOUT
 
     @property
@@ -107,7 +113,8 @@ def second_stage_mask(users: np.ndarray, holdout: Holdout, seed: int) -> np.ndar
     """(N,) True for the rows the second stage trains on, given each row's user (rows of a user in time order).
 
     ``none``: every row. ``users:F``: every row of ``round(F · users)`` seeded users (at least one, and at
-    least one user left to the encoder). ``last:N``: the last N rows of every user.
+    least one user left to the encoder). ``last:N``: the last N rows of every user (``last:N:F``: of
+    ``round(F · users)`` seeded users, at least one).
     """
     n = len(users)
     if not holdout.active:
@@ -121,6 +128,10 @@ def second_stage_mask(users: np.ndarray, holdout: Holdout, seed: int) -> np.ndar
         n_held = min(len(distinct) - 1, max(1, int(round(holdout.value * len(distinct)))))
         held = np.random.default_rng([seed, _USER_STREAM]).permutation(distinct)[:n_held]
         return np.isin(users, held)
+    chosen = np.ones(n, dtype=bool)
+    if holdout.users < 1:
+        n_held = max(1, int(round(holdout.users * len(distinct))))
+        chosen = np.isin(users, np.random.default_rng([seed, _USER_STREAM]).permutation(distinct)[:n_held])
     # last:N — a row's rank from the end of its user's rows (rows of one user keep their order)
     order = np.argsort(users, kind="stable")  # (N,) rows grouped by user, in file order inside a user
     sorted_users = users[order]
@@ -129,7 +140,7 @@ def second_stage_mask(users: np.ndarray, holdout: Holdout, seed: int) -> np.ndar
     from_end = np.empty(n, dtype=np.int64)
     for s, e in zip(starts, ends):
         from_end[order[s:e]] = np.arange(e - s)[::-1]  # 0 for the user's last row
-    return from_end < int(holdout.value)
+    return (from_end < int(holdout.value)) & chosen
 
 
 def rows_checksum(rows: np.ndarray) -> str:

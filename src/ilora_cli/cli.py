@@ -211,6 +211,9 @@ def train(
     gate: Annotated[str | None, typer.Option(help="Gate: user (default), mlp, prompt, token, uniform.")] = None,
     prompt: Annotated[str | None, typer.Option(help="hybrid (item embeddings in the prompt) or text.")] = None,
     objective: Annotated[str | None, typer.Option(help="rank (listwise over candidates) or generate.")] = None,
+    head: Annotated[
+        str | None, typer.Option(help="Scoring head: title (titles' likelihood) or item ((W h) · item embedding).")
+    ] = None,
     backbone: Annotated[
         str | None, typer.Option(help="HF causal-LM directory or hub id (default: SmolLM2-135M).")
     ] = None,
@@ -258,6 +261,7 @@ def train(
         gate=gate,
         prompt=prompt,
         objective=objective,
+        head=head,
         backbone=backbone,
         load_in_4bit=_flag(load_in_4bit),
         dtype=dtype,

@@ -284,3 +284,23 @@ def test_cosine_matrix_is_exact_for_millions_of_heavy_tailed_weights():
     a, b = g[0].double().numpy(), g[2].double().numpy()
     assert s[0, 2] == pytest.approx(a @ b / np.sqrt((a @ a) * (b @ b)), abs=1e-12)
     np.testing.assert_array_equal(s, s.T)
+
+
+@pytest.mark.slow
+def test_a_grid_of_item_head_cells_and_their_gradient_conflict(tiny_world, tmp_path, monkeypatch):
+    """head=item as a shared setting: each cell saves its head, is evaluated on the sampled draws and the whole
+    catalogue, and the gradient-conflict analysis clusters only the rows the run could train on."""
+    monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    out = tmp_path / "item-grid"
+    doc = _ablate(tiny_world, out, ["max_steps=2", "eval_draws=1", "head=item"], experts="1,2")
+    for cell in doc["cells"]:
+        assert (out / "runs" / cell["name"] / "head.safetensors").is_file()
+        assert {"mrr", "full_hr@10", "full_ndcg@10"} <= set(cell["llm_metrics"])
+    config = AnalysisConfig(run=str(out / "runs" / "k2"), rows_per_cluster=2, clusters=4, output=tmp_path / "gc")
+    gc = gradient_conflict(config)
+    from ilora_cli.data.holdout import partition
+
+    held = set(partition(PreparedDataset.open("cyc"), None).second_stage_rows.tolist())
+    assert gc["clusters"]["clustered_rows"] == len(held)
+    assert all(set(rows) <= held for rows in gc["rows"])
+    assert all(n > 0 for n in gc["runs"]["run"]["gradient_norms"])

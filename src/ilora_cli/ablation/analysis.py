@@ -84,7 +84,7 @@ def gradient_conflict(config: AnalysisConfig) -> dict[str, Any]:
         err.print(f"Loading the {role} {directory} ...")
         run = load_run(directory, device=device)
         if clusters is None:  # the clusters of the analysed run's encoder, used for every run
-            clusters = user_clusters(run.model.encoder, split, config)
+            clusters = user_clusters(run.model.encoder, split, config, _trained_rows(dataset, directory))
         results[role] = {
             "run_dir": str(directory),
             **cluster_gradients(run, directory, split, clusters["rows"], config),
@@ -101,7 +101,8 @@ def gradient_conflict(config: AnalysisConfig) -> dict[str, Any]:
         "same_encoder": len({r["encoder_sha256"] for r in results.values()}) == 1,
         "how": (
             "cosine similarity of LoRA gradients (the run's own objective, summed over the rows of each "
-            "cluster, eval mode) between k-means clusters of the encoder's user representations of training rows"
+            "cluster, eval mode) between k-means clusters of the encoder's user representations of the training "
+            "rows the run could learn on (those its encoder left out)"
         ),
     }
     with atomic_directory(out_dir, overwrite=config.overwrite) as tmp:
@@ -148,11 +149,21 @@ def user_representations(encoder, split: SplitData, batch_size: int = 1024) -> n
     return np.concatenate(out)
 
 
-def user_clusters(encoder, split: SplitData, config: AnalysisConfig) -> dict[str, Any]:
-    """k-means clusters of the training rows' user representations, and the rows chosen from each."""
+def _trained_rows(dataset: PreparedDataset, run_dir: Path) -> np.ndarray | None:
+    """The train rows the run could train on (those its encoder left out), or None for every row."""
+    from ..data.holdout import second_stage_rows
+    from ..encoders.io import load_encoder
+
+    _, info = load_encoder(run_dir / "encoder")
+    return None if not isinstance(info.get("holdout"), dict) else second_stage_rows(dataset, info, None)[0]
+
+
+def user_clusters(encoder, split: SplitData, config: AnalysisConfig, allowed: np.ndarray | None = None) -> dict:
+    """k-means clusters of the user representations of the training rows (``allowed``: of these rows only, the
+    ones the run trained on), and the rows chosen from each."""
     from sklearn.cluster import KMeans
 
-    rows = np.arange(len(split))
+    rows = np.arange(len(split)) if allowed is None else np.sort(np.asarray(allowed))
     if config.cluster_rows is not None and config.cluster_rows < len(rows):
         rows = np.sort(np.random.default_rng([config.seed, 0xC1]).permutation(rows)[: config.cluster_rows])
     if len(rows) < config.clusters:

@@ -580,9 +580,12 @@ def main() -> None:
     try:
         app(prog_name="ilora")
     except UserError as exc:
+        from rich.markup import escape
+
         from .console import err
 
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a sentence such as "pip install 'ilora[serve]'" is text, not markup
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -189,6 +189,23 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class Admission:
+    """Refuses a recommendation request at once, before its body is read or checked, while the queue is full:
+    under overload the refusal is the cheapest answer the server can give."""
+
+    PATHS = ("/v1/recommend", "/v1/recommend/batch")
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        batcher = self.service.batcher
+        if scope["type"] == "http" and scope["path"] in self.PATHS and batcher.waiting >= batcher.max_queue:
+            await _busy(batcher.retry_after(), batcher.waiting)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class Instrument:
     """Counts every request by endpoint (the route's path, never the raw one) and status, and its latency."""
 
@@ -247,6 +264,14 @@ def validation_sentence(exc: RequestValidationError, path: str) -> str:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _busy(retry_after: int, waiting: int) -> JSONResponse:
+    return _error(
+        503,
+        f"The server is busy ({waiting} users waiting); retry in {retry_after} s.",
+        {"Retry-After": str(retry_after)},
+    )
 
 
 def _unavailable() -> JSONResponse:
@@ -368,7 +393,8 @@ def create_app(service: Service, api_key: str | None = None, on_fatal=None) -> F
 
     paths = {r.path for r in app.routes}
     app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
-    app.add_middleware(Instrument, metrics=metrics, paths=paths)  # outermost: counts 413s too
+    app.add_middleware(Admission, service=service)
+    app.add_middleware(Instrument, metrics=metrics, paths=paths)  # outermost: counts 503s and 413s too
     return app
 
 
@@ -378,11 +404,7 @@ async def _answer(service: Service, jobs, shape) -> JSONResponse:
     try:
         results = await service.answer_jobs(jobs) if jobs else []
     except QueueFull as exc:
-        return _error(
-            503,
-            f"The server is busy ({service.batcher.waiting} users waiting); retry in {exc.retry_after} s.",
-            {"Retry-After": str(exc.retry_after)},
-        )
+        return _busy(exc.retry_after, service.batcher.waiting)
     except Timeout:
         return _error(504, f"The request was not answered within {service.config.request_timeout_s:g} s; retry later.")
     except NotReady:

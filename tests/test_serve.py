@@ -112,12 +112,15 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(home):
-    """A server that batches up to 8 users for up to 0.2 s and needs the API key."""
-    s = Server(home, "max_batch=8", "max_wait_ms=200", "max_history_items=50", env={"ILORA_API_KEY": KEY})
+    """A server that batches up to 8 users for up to 0.2 s, needs the API key and logs every request."""
+    settings = ("max_batch=8", "max_wait_ms=200", "max_history_items=50", "access_log=true")
+    s = Server(home, *settings, env={"ILORA_API_KEY": KEY})
     s.wait_ready()
     yield s
     assert s.stop() == 0, s.stderr
     assert "Traceback" not in s.stderr, s.stderr
+    assert '"GET /readyz HTTP/1.1" 200' in s.stderr
+    assert s.proc.stdout.read() == ""  # stdout holds the address alone; logs go to stderr
 
 
 async def _post_all(url: str, bodies: list, path: str = "/v1/recommend") -> list:

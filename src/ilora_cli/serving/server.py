@@ -69,6 +69,7 @@ def serve(config: ServeConfig, on_listening: Callable[[dict[str, Any]], None] | 
         uvicorn.Config(
             app,
             log_level="info" if config.access_log else "warning",
+            log_config=_log_config(),
             access_log=config.access_log,
             lifespan="on",
             timeout_graceful_shutdown=int(config.request_timeout_s) + 5,
@@ -86,6 +87,17 @@ def serve(config: ServeConfig, on_listening: Callable[[dict[str, Any]], None] | 
     signal.signal(signal.SIGTERM, _exit_quietly)
     asyncio.run(_serve(server, sock, lambda: _listening(address, on_listening)))
     return exit_code
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with its access log on stderr like every other log line (stdout is for --json)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
 
 
 def print_address(address: dict[str, Any]) -> None:

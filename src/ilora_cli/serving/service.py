@@ -125,6 +125,8 @@ class Service:
             raise UserError(
                 f"The history has {len(user.history)} items; this server accepts at most {c.max_history_items}."
             )
+        for entry in [*user.history, *(user.candidates or [])]:
+            _check_title_length(entry)
         raw = user.history if user.dataset is None else {"history": user.history, "dataset": user.dataset}
         history, notes = self.recommender.parse(raw)
         candidates = None if user.candidates is None else self._candidates(user.candidates)
@@ -206,6 +208,15 @@ class Service:
                 "retrieve": c.retrieve,
             },
         }
+
+
+MAX_TITLE = 1000  # characters; longer is no title: refused before the closest matches are searched for it
+
+
+def _check_title_length(entry: Any) -> None:
+    title = entry.get("title") if isinstance(entry, dict) else entry
+    if isinstance(title, str) and len(title) > MAX_TITLE:
+        raise UserError(f"A title of {len(title):,} characters is longer than any this server looks up ({MAX_TITLE}).")
 
 
 def _cut(doc: dict[str, Any], top_k: int) -> dict[str, Any]:

@@ -418,8 +418,10 @@ def test_startup_errors(home, tmp_path, monkeypatch):
     from ilora_cli.serving.server import serve
 
     monkeypatch.setenv("ILORA_HOME", str(home))
+    import ilora_cli
+
     with pytest.raises(UserError, match="no-such-run is not a finished iLoRA run"):
-        serve(ServeConfig(run="no-such-run"))
+        ilora_cli.serve(run="no-such-run")  # the Python API, as on the command line
     with pytest.raises(UserError, match=re.escape("max_users (300) must not exceed max_queue (256).")):
         resolve(ServeConfig, None, {"run": RUN}, ["max_users=300"])
     with pytest.raises(UserError, match=re.escape("Cannot listen on 203.0.113.1:8000: cannot assign requested")):

@@ -64,11 +64,16 @@ def main() -> None:
     if len(requests) != len(CONCURRENCY):
         ap.error(f"--requests needs {len(CONCURRENCY)} counts")
     label = "tiny" if args.tiny else Path(args.run).name if args.run else args.dataset
-    if args.tiny:
-        os.environ["ILORA_HOME"] = tempfile.mkdtemp(prefix="ilora-bench-serve-")
-        run = tiny_run()
-    else:
-        run = args.run or trained_run(args.dataset)
+    if not args.tiny:
+        measure(args, requests, label, args.run or trained_run(args.dataset))
+        return
+    with tempfile.TemporaryDirectory(prefix="ilora-bench-serve-") as home:
+        os.environ["ILORA_HOME"] = home
+        measure(args, requests, label, tiny_run())
+
+
+def measure(args: argparse.Namespace, requests: list[int], label: str, run: str) -> None:
+    """Every phase against ``run``; prints the table and writes bench/results/serve-<label>.json."""
     histories = validation_histories(run)
     doc = {"run": str(run), "label": label, "threads": torch_threads(), "histories": len(histories)}
     print(f"run {run}: {len(histories)} validation histories, cycled", flush=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .api import encode, evaluate, export, prepare, recommend, train  # noqa: E402  (light: imports lazily)
+from .api import encode, evaluate, export, prepare, recommend, serve, train  # noqa: E402  (light: imports lazily)
 
 # Config classes, imported on first use (their modules load torch).
 _CONFIGS = {
@@ -19,9 +19,10 @@ _CONFIGS = {
     "EvalConfig": "ilora_cli.evaluation.evaluate",
     "RecommendConfig": "ilora_cli.evaluation.recommend",
     "ExportConfig": "ilora_cli.exporting",
+    "ServeConfig": "ilora_cli.serving.config",
 }
 
-__all__ = ["__version__", "prepare", "encode", "train", "evaluate", "recommend", "export", *_CONFIGS]
+__all__ = ["__version__", "prepare", "encode", "train", "evaluate", "recommend", "export", "serve", *_CONFIGS]
 
 
 def __getattr__(name: str) -> Any:

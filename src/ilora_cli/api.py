@@ -89,3 +89,15 @@ def export(config=None, /, **settings: Any) -> dict[str, Any]:
     from .exporting import export as run
 
     return run(_config(ExportConfig, config, settings))
+
+
+def serve(config=None, /, **settings: Any) -> int:
+    """``ilora serve``: answer recommendation requests over HTTP until SIGTERM (it blocks); returns the exit code.
+
+    Settings as on the command line (``run``, ``host``, ``port``, ``api_key``, ``max_batch``, ...); needs the
+    ``serve`` extra.
+    """
+    from .serving.config import ServeConfig
+    from .serving.server import serve as run
+
+    return run(_config(ServeConfig, config, settings))

@@ -465,6 +465,44 @@ def recommend(
         raise typer.Exit(2)
 
 
+@app.command(cls=command_class("serve"))
+def serve(
+    run: Annotated[str | None, typer.Option("--run", help="Run directory or name.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8000; 0: a free one).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (or set ILORA_API_KEY).")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Users scored together in one forward.")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="How long a batch waits for more users.")] = None,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+    json: JsonOpt = False,
+    overrides: Overrides = None,
+) -> None:
+    """Serve recommendations over HTTP: every user with their own expert mixture, users batched together.
+
+    POST /v1/recommend and /v1/recommend/batch; GET /healthz, /readyz, /v1/run, /metrics and /docs.
+    Stops on SIGTERM after answering the requests in flight. With --json, prints the address once it listens.
+    """
+    from .config import resolve
+    from .serving.config import ServeConfig
+    from .serving.server import print_address
+    from .serving.server import serve as run_serve
+
+    cfg = resolve(
+        ServeConfig,
+        config,
+        dict(run=run, host=host, port=port, api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms),
+        overrides,
+    )
+    if print_config:
+        _print_config(cfg)
+    code = run_serve(cfg, on_listening=print_address if json else None)
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command(cls=command_class("ablate"))
 def ablate(
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset the cells train on (name or path).")] = None,
@@ -584,9 +622,12 @@ def main() -> None:
     try:
         app(prog_name="ilora")
     except UserError as exc:
+        from rich.markup import escape
+
         from .console import err
 
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a sentence such as "pip install 'ilora[serve]'" is text, not markup
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

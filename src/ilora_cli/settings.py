@@ -28,6 +28,7 @@ CONFIGS = {
     "train": "ilora_cli.training.loop:TrainConfig",
     "eval": "ilora_cli.evaluation.evaluate:EvalConfig",
     "recommend": "ilora_cli.evaluation.recommend:RecommendConfig",
+    "serve": "ilora_cli.serving.config:ServeConfig",
     "export": "ilora_cli.exporting:ExportConfig",
     "ablate": "ilora_cli.ablation.config:AblateConfig",
 }

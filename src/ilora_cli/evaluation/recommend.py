@@ -184,28 +184,35 @@ class Recommender:
             history = history[-self.max_history :]
         return history, notes
 
-    def rank(self, histories: list[list[int]], notes: list[list[str]] | None = None) -> list[dict[str, Any]]:
+    def rank(
+        self,
+        histories: list[list[int]],
+        notes: list[list[str]] | None = None,
+        candidates: list[list[int]] | None = None,
+    ) -> list[dict[str, Any]]:
         """Recommendations for several parsed histories, scored together (each with its own gate).
 
-        Candidates: ``--candidates`` when given; else, for a run whose head ranks the whole catalogue (the item
-        head), every item outside the history; else the encoder's top ``retrieve`` items, reranked.
+        Candidates: each user's own ``candidates`` (resolved item ids, as many for every user) when given, else
+        ``--candidates``; else, for a run whose head ranks the whole catalogue (the item head), every item outside
+        the history; else the encoder's top ``retrieve`` items, reranked.
         """
         from .llm import score_rows
 
         notes = notes or [[] for _ in histories]
         run, fusion = self.run, self.run.fusion
         rows = self._rows(histories)
-        catalogue = self.fixed is None and run.scorer.ranks_catalogue
+        given = candidates is not None or self.fixed is not None
+        catalogue = not given and run.scorer.ranks_catalogue
         if catalogue:
             llm_out = score_rows(run, histories, np.zeros((len(histories), 1, 0), dtype=np.int64), catalogue=True)
             llm, enc = llm_out["catalogue"], encoder_catalogue_scores(run.model.encoder, rows)  # (B, N) each
             cands = np.broadcast_to(np.arange(llm.shape[1]), llm.shape)  # (B, N)
             where = "whole catalogue"
         else:
-            cands = self._candidates(histories, rows)  # (B, C)
+            cands = np.array(candidates) if candidates is not None else self._candidates(histories, rows)  # (B, C)
             llm_out = score_rows(run, histories, cands[:, None], len(histories), self.config.normalize or run.normalize)
             llm, enc = llm_out["draws"][:, 0], encoder_candidate_scores(run.model.encoder, rows, cands)  # (B, C)
-            where = "given" if self.fixed is not None else f"encoder top-{cands.shape[1]}"
+            where = "given" if given else f"encoder top-{cands.shape[1]}"
         score = llm if fusion is None else fused_scores(llm, enc, fusion["llm"], fusion["encoder"])  # the default
         out = []
         for b, history in enumerate(histories):
@@ -234,6 +241,15 @@ class Recommender:
                 }
             )
         return out
+
+    def batch_key(self, history: list[int], candidates: list[int] | None = None) -> tuple:
+        """Users with equal keys can share one :meth:`rank` call and get what each would get alone: candidates of
+        the same kind, and as many."""
+        if candidates is not None:
+            return ("given", len(candidates))
+        if self.fixed is not None or self.run.scorer.ranks_catalogue:
+            return ("default",)
+        return ("retrieved", min(self.config.retrieve, len(self.run.titles) - len(set(history))))
 
     def _candidates(self, histories: list[list[int]], rows: SplitData) -> np.ndarray:
         """(B, C) the given candidates for every user, or each user's encoder top-N (history excluded)."""

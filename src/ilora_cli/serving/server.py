@@ -1,0 +1,143 @@
+"""``ilora serve``: listen, load the run in the background, answer until SIGTERM, then drain and exit 0.
+
+The socket is bound here, before uvicorn starts, so that a port in use or an unknown host is one sentence and
+exit code 2, and so that ``port=0`` can report the port it got. uvicorn then serves on that socket. On SIGTERM
+(or Ctrl-C) uvicorn stops accepting connections, lets the requests in flight finish (at most
+``request_timeout_s`` more), and the app stops its batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..console import err
+from ..errors import UserError
+from .config import API_KEY_ENV, ServeConfig
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def require_extra() -> None:
+    """The server's libraries are an optional extra; without them, one sentence."""
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(
+                f"ilora serve needs the serve extra ({module} is not installed): pip install 'ilora[serve]'."
+            ) from None
+
+
+def api_key(config: ServeConfig) -> str | None:
+    """The key from the settings, else from $ILORA_API_KEY (an empty variable counts as unset)."""
+    return config.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def serve(config: ServeConfig, on_listening: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Serve ``config.run`` until SIGTERM or SIGINT; returns the exit code (0 after a graceful stop).
+
+    ``on_listening(address)`` is called once the socket accepts connections (the model may still be loading:
+    ``GET /readyz`` says when it is not).
+    """
+    require_extra()
+    import uvicorn
+
+    from ..evaluation.evaluate import resolve_run
+    from .app import create_app
+    from .service import Service
+
+    run_dir = resolve_run(config.run)
+    key = api_key(config)
+    sock = listen(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    exit_code = 0
+
+    def fatal(code: int) -> None:
+        nonlocal exit_code
+        exit_code = code
+        server.should_exit = True
+
+    app = create_app(Service(config, run_dir), api_key=key, on_fatal=fatal)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="info" if config.access_log else "warning",
+            log_config=_log_config(),
+            access_log=config.access_log,
+            lifespan="on",
+            timeout_graceful_shutdown=int(config.request_timeout_s) + 5,
+        )
+    )
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    address = {"url": url, "host": host, "port": port, "run": str(run_dir), "docs": f"{url}/docs", "pid": os.getpid()}
+    if key is None and config.host not in LOOPBACK:
+        err.print(
+            f"[yellow]warning:[/] listening on {config.host} without an API key: anyone who can reach it can use "
+            f"it; set {API_KEY_ENV} (or --api-key).",
+            highlight=False,
+        )
+    # uvicorn re-raises the signal that stopped it once it has drained; this handler turns SIGTERM into exit 0.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    asyncio.run(_serve(server, sock, lambda: _listening(address, on_listening)))
+    return exit_code
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with its access log on stderr like every other log line (stdout is for --json)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
+
+
+def print_address(address: dict[str, Any]) -> None:
+    """The address as one JSON line on stdout (``--json``), so that a script can read it as soon as it is there."""
+    sys.stdout.write(json.dumps(address) + "\n")
+    sys.stdout.flush()
+
+
+def _exit_quietly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def _listening(address: dict[str, Any], on_listening) -> None:
+    err.print(f"Listening on {address['url']} (API docs: {address['docs']}); loading the run ...", highlight=False)
+    if on_listening is not None:
+        on_listening(address)
+
+
+async def _serve(server, sock: socket.socket, on_listening: Callable[[], None]) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        on_listening()
+    await task
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one); trouble is one sentence."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"Cannot listen on {host!r}: {exc.strerror}.") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        raise UserError(f"Cannot listen on {host}:{port}: {reason}.") from None
+    return sock

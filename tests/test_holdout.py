@@ -15,6 +15,7 @@ from ilora_cli.data.holdout import (
     rows_checksum,
     second_stage_mask,
     second_stage_rows,
+    split_masks,
 )
 from ilora_cli.data.prepared import PreparedDataset, write_prepared
 from ilora_cli.errors import UserError
@@ -27,9 +28,21 @@ def test_specs_parse_and_bad_ones_are_one_sentence():
     assert Holdout.parse(" LAST:3 ").spec == "last:3"
     assert Holdout.parse("none").active is False
     assert Holdout.parse(None).spec == DEFAULT_HOLDOUT
-    assert Holdout.parse("last:1:0.5") == Holdout("last", 1, 0.5) and Holdout.parse("last:2:1").spec == "last:2"
+    assert Holdout.parse("last:1:0.5") == Holdout("last", 0.5, 1) and Holdout.parse("last:2:1").spec == "last:2"
+    assert (
+        Holdout.parse("users:.3+last:4") == Holdout("users", 0.3, 4)
+        and Holdout("users", 0.3, 4).spec == "users:0.3+last:4"
+    )
     bad_specs = ("users:0", "users:1", "users:1.5", "last:0", "last:-1", "half", "users:abc", "last:2.5", "")
-    for bad in (*bad_specs, "last:1:0", "last:1:1.5", "last:1:x"):
+    for bad in (
+        *bad_specs,
+        "last:1:0",
+        "last:1:1.5",
+        "last:1:x",
+        "users:0.2+last:0",
+        "users:1+last:2",
+        "last:2+users:0.1",
+    ):
         with pytest.raises(UserError, match="holdout"):
             Holdout.parse(bad)
 
@@ -48,19 +61,23 @@ def test_users_holdout_takes_whole_users_and_is_seeded():
 
 def test_last_holdout_takes_each_users_latest_rows():
     users = np.array([0, 0, 0, 0, 1, 1, 2, 3, 3, 3])
-    mask = second_stage_mask(users, Holdout("last", 2), seed=0)
+    mask = second_stage_mask(users, Holdout("last", 1.0, 2), seed=0)
     assert mask.tolist() == [False, False, True, True, True, True, True, False, True, True]
     # users need not be sorted: the order inside a user is the file order
     interleaved = np.array([5, 6, 5, 6, 5])
-    assert second_stage_mask(interleaved, Holdout("last", 1), seed=0).tolist() == [False, False, False, True, True]
+    assert second_stage_mask(interleaved, Holdout("last", 1.0, 1), seed=0).tolist() == [False, False, False, True, True]
     assert second_stage_mask(users, Holdout("none"), seed=0).all()
     # last:N:F: the last N rows of a seeded fraction of the users only
     many = np.repeat(np.arange(10), 4)  # 10 users of 4 rows
-    mask = second_stage_mask(many, Holdout("last", 2, 0.3), seed=1)
+    fits, mask = split_masks(many, Holdout("last", 0.3, 2), seed=1)
     held = np.unique(many[mask])
-    assert len(held) == 3 and mask.sum() == 6
+    assert len(held) == 3 and mask.sum() == 6 and np.array_equal(fits, ~mask)  # the encoder fits their early rows
     for u in held:
         assert mask[many == u].tolist() == [False, False, True, True]
+    # users:F+last:N: the same users, unseen by the encoder; the second stage takes their last N rows only
+    fits, mask = split_masks(many, Holdout("users", 0.3, 1), seed=1)
+    assert np.array_equal(np.unique(many[mask]), held) and mask.sum() == 3
+    assert not fits[np.isin(many, held)].any() and fits[~np.isin(many, held)].all()
 
 
 def test_prefix_windows_chain_into_users():
@@ -128,12 +145,17 @@ def test_encode_fits_only_its_rows_and_train_learns_on_the_others(tiny_world, mo
     assert np.array_equal(rows, part.second_stage_rows) and record["encoder_saw_training_rows"] is False
     all_rows, record = second_stage_rows(dataset, info, "none")
     assert len(all_rows) == dataset.meta["splits"]["train"] and record["encoder_saw_training_rows"] is True
-    with pytest.raises(UserError, match="trained with holdout users:0.2, not last:1"):
+    # a spec whose rows the encoder left out is accepted (the held users' last rows), one it fitted is not
+    late, record = second_stage_rows(dataset, info, "users:0.2+last:2")
+    assert set(late) <= set(part.second_stage_rows) and len(late) == 2 * part.second_stage_users
+    assert record["spec"] == "users:0.2+last:2" and record["encoder_spec"] == "users:0.2"
+    with pytest.raises(UserError, match="fitted .* of the rows holdout last:1 gives"):
         second_stage_rows(dataset, info, "last:1")
     old = {k: v for k, v in info.items() if k != "holdout"}  # an encoder of an older version: fitted every row
     _, record = second_stage_rows(dataset, old, None)
     assert record == {
         "spec": "none",
+        "encoder_spec": "none",
         "train_rows_from": "every training row",
         "rows": dataset.meta["splits"]["train"],
         "encoder_saw_training_rows": True,
@@ -155,7 +177,8 @@ def test_train_records_its_rows_and_eval_says_when_the_encoder_saw_them(tiny_wor
     part = partition(PreparedDataset.open("cyc"), None)
     assert info["holdout"] == {
         "spec": DEFAULT_HOLDOUT,
-        "train_rows_from": "the rows the encoder left out",
+        "encoder_spec": DEFAULT_HOLDOUT,
+        "train_rows_from": "rows the encoder left out",
         "rows": len(part.second_stage_rows),
         "encoder_saw_training_rows": False,
         "train_rows": len(part.second_stage_rows),

@@ -33,47 +33,52 @@ DEFAULT_HOLDOUT = "users:0.2"  # measured against the alternatives in docs/BENCH
 NO_HOLDOUT = "none"
 _USER_STREAM = 0x5E7A  # keeps the holdout's random stream apart from the other seeded draws
 _FRACTION = r"(0?\.\d+|0|1(?:\.0*)?)"
-_SPEC = re.compile(rf"^(users):{_FRACTION}$|^(last):(\d+)(?::{_FRACTION})?$|^(none)$")
+_SPEC = re.compile(rf"^users:{_FRACTION}(?:\+last:(\d+))?$|^last:(\d+)(?::{_FRACTION})?$|^(none)$")
+_SPEC_HELP = (
+    "users:F (a seeded fraction 0 < F < 1 of the training users, never seen by the encoder), users:F+last:N (the "
+    "same users, of whose rows the second stage takes the last N), last:N or last:N:F (the last N ≥ 1 rows of "
+    "every user, or of a fraction F of the users) or none"
+)
 
 
 @dataclass(frozen=True)
 class Holdout:
-    """A parsed holdout spec: ``users:F``, ``last:N`` or ``none``."""
+    """A parsed holdout spec: ``users:F``, ``users:F+last:N``, ``last:N``, ``last:N:F`` or ``none``."""
 
-    method: str  # users, last or none
-    value: float = 0.0  # the users' fraction, or the rows per user
-    users: float = 1.0  # last: the fraction of the users whose last rows are held out
+    method: str  # users (held users unseen by the encoder), last (held users' last rows unseen), none
+    users: float = 1.0  # the fraction of the training users held out
+    last: int | None = None  # the held users' last N rows go to the second stage (None: all their rows)
 
     @classmethod
     def parse(cls, spec: str | None) -> Holdout:
         text = str(spec if spec is not None else DEFAULT_HOLDOUT).strip().lower()
         m = _SPEC.match(text)
         if m is None:
-            raise UserError(
-                f"holdout must be users:F (a fraction of the training users, 0 < F < 1), last:N or last:N:F (the "
-                f"last N ≥ 1 rows of every user, or of a fraction F of the users) or none; got {spec!r}."
-            )
-        if m.group(6):
+            raise UserError(f"holdout must be {_SPEC_HELP}; got {spec!r}.")
+        if m.group(5):
             return cls(NO_HOLDOUT)
-        if m.group(1):
-            fraction = float(m.group(2))
+        if m.group(1) is not None:
+            fraction = float(m.group(1))
             if not 0 < fraction < 1:
                 raise UserError(f"holdout users:F needs 0 < F < 1 (some users for each stage); got {spec!r}.")
-            return cls("users", fraction)
-        n = int(m.group(4))
-        users = float(m.group(5)) if m.group(5) is not None else 1.0
+            last = int(m.group(2)) if m.group(2) is not None else None
+            if last is not None and last < 1:
+                raise UserError(f"holdout users:F+last:N needs N ≥ 1; got {spec!r}.")
+            return cls("users", fraction, last)
+        n = int(m.group(3))
+        users = float(m.group(4)) if m.group(4) is not None else 1.0
         if n < 1:
             raise UserError(f"holdout last:N needs N ≥ 1; got {spec!r}.")
         if not 0 < users <= 1:
             raise UserError(f"holdout last:N:F needs 0 < F ≤ 1 (the fraction of the users); got {spec!r}.")
-        return cls("last", n, users)
+        return cls("last", users, n)
 
     @property
     def spec(self) -> str:
         if self.method == "users":
-            return f"users:{self.value:g}"
+            return f"users:{self.users:g}" + (f"+last:{self.last}" if self.last is not None else "")
         if self.method == "last":
-            return f"last:{int(self.value)}" + (f":{self.users:g}" if self.users < 1 else "")
+            return f"last:{self.last}" + (f":{self.users:g}" if self.users < 1 else "")
         return NO_HOLDOUT
 
     @property
@@ -109,38 +114,47 @@ def chain_users(seq: np.ndarray, len_seq: np.ndarray, nxt: np.ndarray) -> np.nda
     return out
 
 
-def second_stage_mask(users: np.ndarray, holdout: Holdout, seed: int) -> np.ndarray:
-    """(N,) True for the rows the second stage trains on, given each row's user (rows of a user in time order).
+def split_masks(users: np.ndarray, holdout: Holdout, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) masks of the rows the encoder fits and of the rows the second stage trains on, given each row's user
+    (the rows of one user in time order). They never overlap, except with ``none`` (every row, both).
 
-    ``none``: every row. ``users:F``: every row of ``round(F · users)`` seeded users (at least one, and at
-    least one user left to the encoder). ``last:N``: the last N rows of every user (``last:N:F``: of
-    ``round(F · users)`` seeded users, at least one).
+    The held users are a seeded ``round(F · users)`` of them (at least one; with ``users:F`` at least one is
+    left to the encoder too). ``users:F``: the encoder fits none of their rows, the second stage all of them
+    (``+last:N``: their last N; the others go to neither). ``last:N[:F]``: their last N rows go to the second
+    stage, every other row to the encoder.
     """
     n = len(users)
     if not holdout.active:
-        return np.ones(n, dtype=bool)
+        return np.ones(n, dtype=bool), np.ones(n, dtype=bool)
     distinct = np.unique(users)
-    if holdout.method == "users":
-        if len(distinct) < 2:
-            raise UserError(
-                f"holdout {holdout.spec} needs at least 2 training users; the train split has {len(distinct)}."
-            )
-        n_held = min(len(distinct) - 1, max(1, int(round(holdout.value * len(distinct)))))
-        held = np.random.default_rng([seed, _USER_STREAM]).permutation(distinct)[:n_held]
-        return np.isin(users, held)
-    chosen = np.ones(n, dtype=bool)
+    if holdout.method == "users" and len(distinct) < 2:
+        raise UserError(f"holdout {holdout.spec} needs 2 training users or more; the train split has {len(distinct)}.")
+    held = np.ones(n, dtype=bool)
     if holdout.users < 1:
         n_held = max(1, int(round(holdout.users * len(distinct))))
-        chosen = np.isin(users, np.random.default_rng([seed, _USER_STREAM]).permutation(distinct)[:n_held])
-    # last:N — a row's rank from the end of its user's rows (rows of one user keep their order)
+        if holdout.method == "users":
+            n_held = min(len(distinct) - 1, n_held)
+        held = np.isin(users, np.random.default_rng([seed, _USER_STREAM]).permutation(distinct)[:n_held])
+    late = held if holdout.last is None else held & (_rank_from_end(users) < holdout.last)
+    encoder = ~held if holdout.method == "users" else ~late
+    return encoder, late
+
+
+def second_stage_mask(users: np.ndarray, holdout: Holdout, seed: int) -> np.ndarray:
+    """(N,) True for the rows the second stage trains on (:func:`split_masks`)."""
+    return split_masks(users, holdout, seed)[1]
+
+
+def _rank_from_end(users: np.ndarray) -> np.ndarray:
+    """(N,) each row's rank from the end of its user's rows: 0 for the user's last row (file order inside a user)."""
+    n = len(users)
     order = np.argsort(users, kind="stable")  # (N,) rows grouped by user, in file order inside a user
-    sorted_users = users[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_users)) + 1]  # first position of each user's block
+    starts = np.r_[0, np.flatnonzero(np.diff(users[order])) + 1]  # first position of each user's block
     ends = np.r_[starts[1:], n]
     from_end = np.empty(n, dtype=np.int64)
     for s, e in zip(starts, ends):
-        from_end[order[s:e]] = np.arange(e - s)[::-1]  # 0 for the user's last row
-    return (from_end < int(holdout.value)) & chosen
+        from_end[order[s:e]] = np.arange(e - s)[::-1]
+    return from_end
 
 
 def rows_checksum(rows: np.ndarray) -> str:
@@ -183,10 +197,9 @@ def partition(dataset, spec: str | None) -> Partition:
     """Divide ``dataset``'s train split by the holdout ``spec`` (None: the dataset's own)."""
     holdout = Holdout.parse(spec if spec is not None else dataset_holdout(dataset))
     users, how = train_users(dataset)
-    mask = second_stage_mask(users, holdout, int(dataset.meta.get("seed", 0)))
+    fits, learns = split_masks(users, holdout, int(dataset.meta.get("seed", 0)))
     all_rows = np.arange(len(users))
-    second = all_rows[mask]
-    encoder = all_rows if not holdout.active else all_rows[~mask]
+    encoder, second = all_rows[fits], all_rows[learns]
     if holdout.active and (len(encoder) == 0 or len(second) == 0):
         raise UserError(
             f"holdout {holdout.spec} leaves {len(encoder)} training rows to the encoder and {len(second)} to the "
@@ -197,7 +210,7 @@ def partition(dataset, spec: str | None) -> Partition:
         encoder_rows=encoder,
         second_stage_rows=second,
         users=int(len(np.unique(users))),
-        second_stage_users=int(len(np.unique(users[mask]))),
+        second_stage_users=int(len(np.unique(users[learns]))),
         users_from=how,
     )
 
@@ -207,32 +220,38 @@ def second_stage_rows(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The train rows a second stage on this encoder trains on, and what ``ilora.json`` records of them.
 
-    ``requested`` None (or the encoder's own spec): the rows the encoder left out. ``none``: every row, the
-    encoder's included. Another spec than the encoder's is refused: its rows would overlap the encoder's.
-    Encoders of older versions record no holdout; they fitted every row.
+    ``requested`` None: the rows the encoder's own holdout gives the second stage. Another spec: its rows, if
+    the encoder fitted none of them (``users:0.2+last:3`` on an encoder trained with ``users:0.2``, say);
+    else it is refused. ``none``: every row, the encoder's included, which the record says. Encoders of older
+    versions record no holdout; they fitted every row.
     """
     recorded = encoder_info.get("holdout") if isinstance(encoder_info.get("holdout"), dict) else None
     encoder_spec = Holdout.parse(recorded["spec"] if recorded else NO_HOLDOUT).spec
     wanted = Holdout.parse(requested).spec if requested is not None else encoder_spec
     where = encoder_info.get("path", "the encoder")
-    if wanted not in (encoder_spec, NO_HOLDOUT):
-        raise UserError(
-            f"The encoder {where} was trained with holdout {encoder_spec}, not {wanted}; leave holdout unset to "
-            f"train on the rows it left out, or train an encoder with `ilora encode holdout={wanted}`."
-        )
-    if wanted == NO_HOLDOUT:
+    if wanted == NO_HOLDOUT or encoder_spec == NO_HOLDOUT:
         rows = np.arange(len(train_users(dataset)[0]))
+        saw = True
     else:
-        part = partition(dataset, encoder_spec)
-        rows = part.second_stage_rows
-        if recorded.get("second_stage_sha256") not in (None, rows_checksum(rows)):
+        own = partition(dataset, encoder_spec)
+        if recorded.get("second_stage_sha256") not in (None, rows_checksum(own.second_stage_rows)):
             raise UserError(
                 f"The rows the encoder {where} left out (holdout {encoder_spec}) are not the ones this dataset gives "
                 "now; train the encoder again (`ilora encode --overwrite`)."
             )
+        rows = own.second_stage_rows if wanted == encoder_spec else partition(dataset, wanted).second_stage_rows
+        fitted = np.intersect1d(rows, own.encoder_rows).size
+        if fitted:
+            raise UserError(
+                f"The encoder {where} was trained with holdout {encoder_spec} and fitted {fitted:,} of the rows "
+                f"holdout {wanted} gives the second stage; leave holdout unset, choose one within the rows it left "
+                f"out, or train an encoder with `ilora encode holdout={wanted}`."
+            )
+        saw = False
     return rows, {
-        "spec": encoder_spec,
-        "train_rows_from": "the rows the encoder left out" if wanted != NO_HOLDOUT else "every training row",
+        "spec": wanted if not saw else encoder_spec,
+        "encoder_spec": encoder_spec,
+        "train_rows_from": "rows the encoder left out" if not saw else "every training row",
         "rows": int(len(rows)),
-        "encoder_saw_training_rows": wanted == NO_HOLDOUT,
+        "encoder_saw_training_rows": saw,
     }

@@ -161,26 +161,24 @@ class PreparedDataset:
 
 def _holdout_counts(train: Rows, spec: str | None, seed: int) -> dict[str, Any]:
     """The holdout spec and how many train rows and users it leaves to each stage (as ``partition`` computes it)."""
-    from .holdout import Holdout, chain_users, second_stage_mask
+    from .holdout import Holdout, chain_users, split_masks
 
     holdout = Holdout.parse(spec)
     if train.user is not None and len(train.user) and (train.user >= 0).all():
         users = train.user
     else:
         users = chain_users(train.seq, train.len_seq, train.next)
-    mask = second_stage_mask(users, holdout, seed)
-    n_users = len(np.unique(users))
-    second = int(mask.sum())
-    if holdout.active and second in (0, len(mask)):
+    fits, learns = split_masks(users, holdout, seed)
+    if holdout.active and (not fits.any() or not learns.any()):
         raise UserError(
-            f"holdout {holdout.spec} leaves {len(mask) - second} training rows to the encoder and {second} to the "
-            "second stage; choose another --holdout or holdout=none."
+            f"holdout {holdout.spec} leaves {int(fits.sum())} training rows to the encoder and {int(learns.sum())} to "
+            "the second stage; choose another --holdout or holdout=none."
         )
     return {
         "spec": holdout.spec,
-        "encoder_rows": len(mask) - second if holdout.active else len(mask),
-        "second_stage_rows": second,
-        "users": int(n_users),
+        "encoder_rows": int(fits.sum()),
+        "second_stage_rows": int(learns.sum()),
+        "users": int(len(np.unique(users))),
     }
 
 

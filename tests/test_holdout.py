@@ -108,15 +108,21 @@ def test_prepare_records_the_holdout_and_partition_matches_with_or_without_user_
     with_ids = _prepared(tmp_path, "a")
     without = _prepared(tmp_path, "b", users=False)
     meta = with_ids.meta["holdout"]
-    assert meta["spec"] == DEFAULT_HOLDOUT and meta["users"] == 32
-    assert meta["encoder_rows"] + meta["second_stage_rows"] == with_ids.meta["splits"]["train"]
+    assert meta["spec"] == DEFAULT_HOLDOUT == "users:0.2+last:5" and meta["users"] == 32
+    # 6 of the 32 users (9 rows each) held out: the encoder fits the other 26 users' rows, the second stage
+    # takes the held users' last 5 rows, and their first 4 rows go to neither
+    assert (meta["encoder_rows"], meta["second_stage_rows"]) == (26 * 9, 6 * 5)
     a, b = partition(with_ids, None), partition(without, None)
     assert a.users_from == "user ids" and b.users_from.startswith("reconstructed")
     # the same users, found two ways: the same rows on each side
     assert np.array_equal(a.second_stage_rows, b.second_stage_rows)
     assert len(a.second_stage_rows) == meta["second_stage_rows"]
     assert np.intersect1d(a.encoder_rows, a.second_stage_rows).size == 0
-    assert len(a.encoder_rows) + len(a.second_stage_rows) == with_ids.meta["splits"]["train"]
+    whole = partition(with_ids, "users:0.2")  # all the held users' rows: the complement of the encoder's
+    assert np.array_equal(whole.encoder_rows, a.encoder_rows) and set(a.second_stage_rows) < set(
+        whole.second_stage_rows
+    )
+    assert len(whole.encoder_rows) + len(whole.second_stage_rows) == with_ids.meta["splits"]["train"]
     other = _prepared(tmp_path, "c", holdout="last:2")
     assert other.meta["holdout"]["spec"] == "last:2" and other.meta["holdout"]["second_stage_rows"] == 2 * 32
     none = partition(with_ids, "none")
@@ -148,7 +154,9 @@ def test_encode_fits_only_its_rows_and_train_learns_on_the_others(tiny_world, mo
     # a spec whose rows the encoder left out is accepted (the held users' last rows), one it fitted is not
     late, record = second_stage_rows(dataset, info, "users:0.2+last:2")
     assert set(late) <= set(part.second_stage_rows) and len(late) == 2 * part.second_stage_users
-    assert record["spec"] == "users:0.2+last:2" and record["encoder_spec"] == "users:0.2"
+    assert record["spec"] == "users:0.2+last:2" and record["encoder_spec"] == DEFAULT_HOLDOUT
+    whole, _ = second_stage_rows(dataset, info, "users:0.2")  # every row of the held users: none fitted either
+    assert len(whole) == 9 * part.second_stage_users
     with pytest.raises(UserError, match="fitted .* of the rows holdout last:1 gives"):
         second_stage_rows(dataset, info, "last:1")
     old = {k: v for k, v in info.items() if k != "holdout"}  # an encoder of an older version: fitted every row

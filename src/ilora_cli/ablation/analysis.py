@@ -64,7 +64,7 @@ def gradient_conflict(config: AnalysisConfig) -> dict[str, Any]:
     """Run the analysis for ``config.run`` (and ``config.baseline``); write JSON and heatmaps; return the JSON."""
     from ..devices import resolve_device
     from ..evaluation.evaluate import resolve_run
-    from ..home import atomic_directory, ilora_home
+    from ..home import atomic_directory, check_replaceable, ilora_home
     from ..training.run import load_run
 
     t0 = time.perf_counter()
@@ -77,6 +77,7 @@ def gradient_conflict(config: AnalysisConfig) -> dict[str, Any]:
     out_dir = Path(config.output) if config.output else ilora_home() / "ablations" / name
     if out_dir.exists() and not config.overwrite:
         raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    check_replaceable(out_dir, "gradient-conflict analysis")
     split = dataset.split("train")
     results: dict[str, Any] = {}
     clusters = None

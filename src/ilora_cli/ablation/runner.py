@@ -29,7 +29,7 @@ from ..config import resolve, to_dict
 from ..console import err
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
-from ..home import append_json_line
+from ..home import append_json_line, check_replaceable
 from .config import AblateConfig
 from .grid import Cell, axes_of, expand, reference_cell
 
@@ -96,6 +96,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
     if config.dry_run:
         return dry_run(p)
     if config.overwrite and p.directory.exists():
+        check_replaceable(p.directory, "ablation")
         shutil.rmtree(p.directory)
     _claim_directory(p)
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Any
 from ..config import check_minimums, check_range
 from ..console import err
 from ..errors import UserError
-from ..home import check_name, dataset_dir
+from ..home import check_name, check_replaceable, dataset_dir
 from .formats import FORMATS, loader
 from .prepared import write_prepared
 from .source import MIN_HISTORY
@@ -74,6 +74,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     out_dir = Path(config.output) if config.output else dataset_dir(config.dataset)
     if out_dir.exists() and not config.overwrite:
         raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    check_replaceable(out_dir, "prepared dataset")  # before reading the source, not after
     started = time.perf_counter()
     where = f" from {config.input}" if config.input else ""
     err.print(f"prepare: reading the {config.format} data{where} ...", highlight=False)

@@ -222,7 +222,7 @@ def write_prepared(
     item_features = Features(
         {"item_id": Value("int64"), "title": Value("string"), "source_id": Value("string"), "metadata": Value("string")}
     )
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind="prepared dataset") as tmp:
         Dataset.from_dict(
             {
                 "item_id": list(range(n_items)),

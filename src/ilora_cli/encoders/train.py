@@ -21,7 +21,7 @@ from .. import console
 from ..config import check_minimums, check_range, to_dict
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
-from ..home import atomic_directory, check_name, encoder_dir
+from ..home import atomic_directory, check_name, check_replaceable, encoder_dir
 from . import ENCODERS
 from .base import SequentialEncoder
 from .evaluate import evaluate_encoder
@@ -156,6 +156,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     out_dir = Path(config.output) if config.output else encoder_dir(name)
     if out_dir.exists() and not config.overwrite:
         raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    check_replaceable(out_dir, "encoder")  # before training, not after
     if config.device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"device {config.device!r} was requested but no CUDA device is available.")
     device = torch.device(config.device)
@@ -208,7 +209,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "best_epoch": best_epoch,
         "training": {"config": to_dict(config), **summary},
     }
-    with atomic_directory(out_dir, overwrite=config.overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=config.overwrite, kind="encoder") as tmp:
         save_encoder(model, info, tmp)
     return {
         "encoder_dir": str(out_dir),

@@ -21,7 +21,7 @@ from ..config import check_minimums, check_range, to_dict
 from ..console import err, progress
 from ..devices import check_device, resolve_device
 from ..errors import UserError
-from ..home import append_json_line, check_name
+from ..home import append_json_line, check_name, check_replaceable
 from ..home import run_dir as named_run_dir
 from ..llm.experts import GATE_TYPES
 from ..llm.prompt import TEMPLATE_SETS
@@ -251,6 +251,8 @@ class Trainer:
         self.fresh_start = not config.resume
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"The run directory {run_dir} is a file, not a folder; pass another --output or --name.")
+        if (config.resume or config.overwrite) and run_dir.is_dir():
+            check_replaceable(run_dir, "run")  # both may delete what the folder holds
         if config.resume:
             if not (run_dir / "config.yaml").is_file():
                 raise UserError(

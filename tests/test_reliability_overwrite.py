@@ -176,3 +176,20 @@ def test_overwrite_and_links_through_the_command_line_leave_no_temporaries(home,
     r = run_cli("export", "--run", "cl", "--output", str(afile), "--overwrite", home=home)
     assert r.returncode == 2 and "is a file" in r.stderr and afile.read_text() == "x"
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".afile")]
+
+
+# -- --resume with other settings ------------------------------------------------------------------------------------
+
+
+def test_resume_with_other_settings_is_refused_naming_them(home):
+    """Before: --resume with another seed or batch size continued silently, mixing two runs."""
+    train(_cfg(home, name="half", max_steps=4, checkpoint_every=1, stop_after=2))
+    for change, named in (({"seed": 6}, "seed: 5 there, 6 now"), ({"batch_size": 2}, "batch_size: 4 there, 2 now")):
+        with pytest.raises(UserError, match=named) as exc:
+            train(_cfg(home, name="half", max_steps=4, checkpoint_every=1, resume=True, **change))
+        assert "\n" not in str(exc.value)
+    r = run_cli("train", "--name", "half", "--resume", "--seed", "7", home=home)  # the command line, saved settings
+    assert r.returncode == 2 and "seed: 5 there, 7 now" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # what only says how this invocation runs may change: checkpoints, logging, stopping
+    done = train(_cfg(home, name="half", max_steps=4, checkpoint_every=2, log_every=2, resume=True))
+    assert done["complete"] and done["resumed_from"].endswith("step-000002")

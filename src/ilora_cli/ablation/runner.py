@@ -30,28 +30,9 @@ from ..console import err
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
 from ..home import append_json_line, check_replaceable
+from ..training.identity import differences, identity
 from .config import AblateConfig
 from .grid import Cell, axes_of, expand, reference_cell
-
-# Training settings that do not change what a run learns: a run may be resumed with other values.
-OPERATIONAL = (
-    "dataset",
-    "name",
-    "output",
-    "overwrite",
-    "resume",
-    "encoder",
-    "stop_after",
-    "quiet",
-    "threads",
-    "checkpoint_every",
-    "log_every",
-    "device",
-    "validate_every",
-    "validate_at",
-    "validate_rows",
-    "validate_draws",
-)
 
 # Cells checkpoint more often than a single run by default: an interrupted grid loses at most this many steps.
 CHECKPOINT_EVERY = 10
@@ -233,11 +214,6 @@ def train_config(p: Plan, cell: Cell, dataset: PreparedDataset, encoder: Path):
     return resolve(TrainConfig, None, settings)
 
 
-def identity(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The training settings that decide what a run learns (resolved defaults included)."""
-    return {k: v for k, v in config_dict.items() if k not in OPERATIONAL}
-
-
 def run_state(directory: Path, config) -> str:
     """``done``, ``resume`` or ``fresh`` for a run directory; refuses one trained with other settings."""
     from ..training.checkpoint import list_checkpoints
@@ -248,9 +224,8 @@ def run_state(directory: Path, config) -> str:
     if not saved.is_file() or not (has_checkpoint or (directory / "ilora.json").is_file()):
         return "fresh"
     old = resolve(TrainConfig, saved)
-    mine, theirs = identity(to_dict(config)), identity(to_dict(old))
-    if mine != theirs:
-        diff = [f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in mine if mine.get(k) != theirs.get(k)]
+    diff = differences(to_dict(old), to_dict(config))
+    if diff:
         raise UserError(
             f"The run {directory} was trained with other settings ({'; '.join(diff[:3])}); "
             "pass --overwrite or choose another --name or --output."

@@ -25,6 +25,7 @@ from ..home import append_json_line, check_name, check_replaceable
 from ..home import run_dir as named_run_dir
 from ..llm.experts import GATE_TYPES
 from ..llm.prompt import TEMPLATE_SETS
+from .identity import check_resume
 
 OBJECTIVES = ("rank", "generate")
 PROMPTS = ("hybrid", "text")
@@ -259,6 +260,7 @@ class Trainer:
                     f"There is no run to resume in {run_dir}; start it without --resume "
                     "(with --overwrite if the folder exists)."
                 )
+            check_resume(run_dir, config)
         elif run_dir.exists() and any(run_dir.iterdir()):
             if not config.overwrite:
                 raise UserError(

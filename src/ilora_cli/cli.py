@@ -400,12 +400,10 @@ def recommend(
     overrides: Overrides = None,
 ) -> None:
     """Recommend items for users' histories: the encoder retrieves, the LLM reranks (or ranks given candidates)."""
-    import json as json_lib
-
     from rich.table import Table
 
     from .config import resolve
-    from .console import err, print_json
+    from .console import err, json_text, print_json
     from .evaluation.recommend import RecommendConfig, Recommender, read_histories
 
     cfg = resolve(
@@ -425,12 +423,12 @@ def recommend(
             # Batch mode: one output line per input line, errors included; exit 2 at the end.
             failed += 1
             err.print(f"[bold red]error:[/] user {lineno}: {exc}")
-            sys.stdout.write(json_lib.dumps({"line": lineno, "error": str(exc)}, ensure_ascii=False) + "\n")
+            sys.stdout.write(json_text({"line": lineno, "error": str(exc)}) + "\n")
             continue
         for note in out["notes"]:
             err.print(f"[yellow]note:[/] {note}")
         if batch:
-            sys.stdout.write(json_lib.dumps(out, ensure_ascii=False) + "\n")
+            sys.stdout.write(json_text(out) + "\n")
             sys.stdout.flush()
             continue
         t = Table(title=f"Recommendations ({out['candidates']})")

@@ -1,0 +1,91 @@
+"""The newer surfaces under bad input: ``ablate``, ``export``, ``recommend`` with fusion, the newer ``train``
+settings and the Python API end in a result or one sentence (exit code 2), never a traceback, a hang, invalid
+JSON or a silently wrong result."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ilora_cli.training.loop import TrainConfig, train
+
+from conftest import run_cli
+
+FAST = dict(dataset="cyc", batch_size=4, candidates=6, quiet=True, seed=5)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world, tmp_path_factory):
+    """A home of its own (copies of the tiny world's dataset, encoder and backbone) with a finished K = 2 run."""
+    home = tmp_path_factory.mktemp("surfaces") / "home"
+    for name in ("datasets", "encoders", "tiny-backbone"):
+        shutil.copytree(tiny_world / name, home / name)
+    old = os.environ.get("ILORA_HOME")
+    os.environ["ILORA_HOME"] = str(home)
+    try:
+        train(TrainConfig(backbone=str(home / "tiny-backbone"), name="s2", experts=2, max_steps=2, **FAST))
+    finally:
+        os.environ.pop("ILORA_HOME", None) if old is None else os.environ.__setitem__("ILORA_HOME", old)
+    return home
+
+
+@pytest.fixture
+def home(world, monkeypatch):
+    monkeypatch.setenv("ILORA_HOME", str(world))
+    return world
+
+
+def _strict_json(text: str):
+    """Parse as a JSON parser other than Python's would: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _copy_run(home: Path, tmp_path: Path, name: str = "s2") -> Path:
+    run = tmp_path / f"{name}-copy"
+    shutil.copytree(home / "runs" / name, run)
+    return run
+
+
+def _edit_info(run: Path, change) -> None:
+    info = json.loads((run / "ilora.json").read_text())
+    change(info)
+    (run / "ilora.json").write_text(json.dumps(info))
+
+
+# -- JSON output -----------------------------------------------------------------------------------------------------
+
+
+def test_recommend_json_is_valid_json_when_fusion_weights_are_extreme(home, tmp_path):
+    """Before: `recommend --json` printed -Infinity for the scores of a run with extreme (finite) fusion weights."""
+    run = _copy_run(home, tmp_path)
+    _edit_info(run, lambda info: info.__setitem__("fusion", {"llm": 1e308, "encoder": 1e308}))
+    history = tmp_path / "h.json"
+    history.write_text("[1, 2, 3]")
+    r = run_cli("recommend", "--run", str(run), "--user-history", str(history), "--json", home=home)
+    assert r.returncode == 0, r.stderr
+    doc = _strict_json(r.stdout)
+    assert all(x["score"] is None for x in doc["recommendations"]) and "written as null" in r.stderr
+    batch = tmp_path / "h.jsonl"
+    batch.write_text("[1, 2, 3]\n[4, 5]\n")
+    r = run_cli("recommend", "--run", str(run), "--user-history", str(batch), home=home)
+    assert r.returncode == 0 and [len(_strict_json(line)["recommendations"]) for line in r.stdout.splitlines()] == [
+        10,
+        10,
+    ]
+
+
+def test_json_text_writes_non_finite_numbers_as_null():
+    import numpy as np
+
+    from ilora_cli.console import json_text
+
+    doc = {"a": float("nan"), "b": [1.0, float("-inf"), np.float32(2.5)], "c": {"d": np.float64("inf")}, "e": "x"}
+    assert _strict_json(json_text(doc)) == {"a": None, "b": [1.0, None, 2.5], "c": {"d": None}, "e": "x"}

@@ -89,3 +89,27 @@ def test_json_text_writes_non_finite_numbers_as_null():
 
     doc = {"a": float("nan"), "b": [1.0, float("-inf"), np.float32(2.5)], "c": {"d": np.float64("inf")}, "e": "x"}
     assert _strict_json(json_text(doc)) == {"a": None, "b": [1.0, None, 2.5], "c": {"d": None}, "e": "x"}
+
+
+# -- messages are printed literally ----------------------------------------------------------------------------------
+
+
+def test_messages_keep_their_square_brackets(home, tmp_path):
+    """Before: error sentences were read as rich markup, so `[nan]`, `'a[b]'` and `'ilora[wandb]'` vanished."""
+    r = run_cli("ablate", "--dataset", "cyc", "--train-fraction", "nan", "--dry-run", home=home)
+    assert r.returncode == 2 and "got [nan]." in r.stderr, r.stderr
+    r = run_cli("train", "--name", "a[b]", home=home)
+    assert r.returncode == 2 and "'a[b]'" in r.stderr, r.stderr
+    history = tmp_path / "h.json"
+    history.write_text("[1, 2]")
+    r = run_cli("recommend", "--run", "s2", "--user-history", str(history), "--candidates", "absent.json", home=home)
+    assert r.returncode == 2 and "The candidates file absent.json is missing." in r.stderr, r.stderr
+
+
+def test_the_install_hint_of_a_missing_tracker_names_the_extra(home):
+    pytest.importorskip("tensorboard")
+    if __import__("importlib").util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed: its hint cannot be seen")
+    r = run_cli("train", "--dataset", "cyc", "--backbone", str(home / "tiny-backbone"), "--name", "w",
+                "--report-to", "wandb", "--max-steps", "1", home=home)  # fmt: skip
+    assert r.returncode == 2 and "pip install 'ilora[wandb]'" in r.stderr, r.stderr

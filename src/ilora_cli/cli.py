@@ -403,7 +403,7 @@ def recommend(
     from rich.table import Table
 
     from .config import resolve
-    from .console import err, json_text, print_json
+    from .console import err, json_text, labelled, print_json
     from .evaluation.recommend import RecommendConfig, Recommender, read_histories
 
     cfg = resolve(
@@ -422,11 +422,11 @@ def recommend(
                 raise
             # Batch mode: one output line per input line, errors included; exit 2 at the end.
             failed += 1
-            err.print(f"[bold red]error:[/] user {lineno}: {exc}")
+            labelled("error", f"user {lineno}: {exc}", "bold red")
             sys.stdout.write(json_text({"line": lineno, "error": str(exc)}) + "\n")
             continue
         for note in out["notes"]:
-            err.print(f"[yellow]note:[/] {note}")
+            labelled("note", note)
         if batch:
             sys.stdout.write(json_text(out) + "\n")
             sys.stdout.flush()
@@ -549,9 +549,9 @@ def main() -> None:
     try:
         app(prog_name="ilora")
     except UserError as exc:
-        from .console import err
+        from .console import labelled
 
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        labelled("error", str(exc), "bold red")  # literally: messages quote settings, titles and paths
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -25,12 +25,19 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 # Logs and CI capture stderr without a terminal, where rich would fall back to 80 columns and cut the
-# metric tables: give them room.
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# metric tables: give them room. No markup: what is printed is often the user's (titles, paths, messages that
+# quote settings), and markup would swallow anything in square brackets; styles are set with Text instead.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
 
 PROGRESS_SECONDS = "ILORA_PROGRESS_SECONDS"  # environment variable: seconds between plain progress lines
+
+
+def labelled(label: str, text: str, style: str = "yellow") -> None:
+    """``label: text`` on stderr, the label styled and the text exactly as given (never read as markup)."""
+    err.print(Text.assemble((f"{label}:", style), " ", str(text)), soft_wrap=True)
 
 
 def progress(disable: bool = False, plain: bool | None = None, **kwargs: Any) -> Progress | PlainProgress:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
+
 from .. import __version__
 from ..config import resolve, to_dict
 from ..console import err
@@ -88,7 +90,8 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
             status[c.name] = "finished before"
         if not pending:
             continue
-        err.print(f"[bold]Ablation {p.directory.name}[/]: run {key} ({', '.join(c.name for c in pending)})")
+        cells = ", ".join(c.name for c in pending)
+        err.print(Text.assemble((f"Ablation {p.directory.name}", "bold"), f": run {key} ({cells})"))
         if not _train(p, group[0]):
             for c in group:
                 status[c.name] = "stopped"

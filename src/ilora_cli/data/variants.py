@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..console import err
+from ..console import labelled
 from ..errors import UserError
 from .candidates import SPLIT_CODES
 from .prepared import PreparedDataset, SplitData, _sha256_arrays, history_histogram
@@ -115,7 +115,7 @@ def _write_extra(path: Path, cands: np.ndarray, sample_id: np.ndarray, checksum:
         save_file({"candidates": np.ascontiguousarray(cands), "sample_id": sample_id}, str(tmp), metadata=meta)
         os.replace(tmp, path)
     except PermissionError:
-        err.print(f"[yellow]note:[/] could not store the {cands.shape[2]}-candidate draws in {path.parent}.")
+        labelled("note", f"could not store the {cands.shape[2]}-candidate draws in {path.parent}.")
 
 
 # -- fewer training users ----------------------------------------------------------------------------

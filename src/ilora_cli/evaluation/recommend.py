@@ -84,7 +84,7 @@ class BadLine:
 MAX_HISTORY_FILE = 256 << 20  # bytes: a history file is read whole
 
 
-def read_histories(path: Path) -> tuple[list[Any], bool]:
+def read_histories(path: Path, what: str = "history file") -> tuple[list[Any], bool]:
     """A JSON list (one user) or a JSONL file (one list per line: batch mode).
 
     In batch mode a line that is not a history becomes a :class:`BadLine` in its place, so that every
@@ -93,16 +93,15 @@ def read_histories(path: Path) -> tuple[list[Any], bool]:
     """
     path = Path(path)
     if not path.is_file():
-        what = "a folder, not a file" if path.is_dir() else "missing"
-        raise UserError(f"The history file {path} is {what}.")
+        raise UserError(f"The {what} {path} is {'a folder, not a file' if path.is_dir() else 'missing'}.")
     if path.stat().st_size > MAX_HISTORY_FILE:
-        raise UserError(f"The history file {path} is larger than {MAX_HISTORY_FILE >> 20} MiB; split it.")
+        raise UserError(f"The {what} {path} is larger than {MAX_HISTORY_FILE >> 20} MiB; split it.")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is allowed, as in the interactions reader
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text.") from None
     if not text.strip():
-        raise UserError(f"The history file {path} is empty.")
+        raise UserError(f"The {what} {path} is empty.")
     try:
         doc = json.loads(text)
         users, batch = [doc], False
@@ -147,7 +146,7 @@ class Recommender:
         self.pad_id = int(self.run.info["dataset"]["pad_id"])
         self.fixed = None
         if config.candidates is not None:
-            cands, _ = read_histories(config.candidates)
+            cands, _ = read_histories(config.candidates, "candidates file")
             if len(cands) != 1 or not isinstance(cands[0], list):
                 raise UserError("--candidates must be one JSON list of item ids or titles.")
             if not cands[0]:

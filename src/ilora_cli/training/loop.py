@@ -18,7 +18,7 @@ import yaml
 
 from .. import __version__
 from ..config import check_minimums, check_range, to_dict
-from ..console import err, progress
+from ..console import err, labelled, progress
 from ..devices import check_device, resolve_device
 from ..errors import UserError
 from ..home import append_json_line, check_name, check_replaceable
@@ -410,7 +410,7 @@ class Trainer:
                 "start the run again with --overwrite."
             )
         if damaged and self.main:
-            err.print(f"[yellow]warning:[/] skipped a damaged checkpoint ({damaged[0]}); resuming from {path.name}.")
+            labelled("warning", f"skipped a damaged checkpoint ({damaged[0]}); resuming from {path.name}.")
         self._apply_checkpoint(ck, path)
 
     def _apply_checkpoint(self, ck: dict[str, Any], path: Path) -> None:

@@ -113,3 +113,36 @@ def test_the_install_hint_of_a_missing_tracker_names_the_extra(home):
     r = run_cli("train", "--dataset", "cyc", "--backbone", str(home / "tiny-backbone"), "--name", "w",
                 "--report-to", "wandb", "--max-steps", "1", home=home)  # fmt: skip
     assert r.returncode == 2 and "pip install 'ilora[wandb]'" in r.stderr, r.stderr
+
+
+# -- settings that hold text stay text -------------------------------------------------------------------------------
+
+
+def test_text_settings_keep_what_was_written(tmp_path):
+    """Before: YAML 1.1 turned name=007 into 7 and name=yes into True (a run named 'True')."""
+    from ilora_cli.ablation.config import resolve_ablation
+    from ilora_cli.config import resolve
+
+    for written, kept in (
+        ("007", "007"),
+        ("yes", "yes"),
+        ("'007'", "007"),
+        ("2024-01-01", "2024-01-01"),
+        ("1e3", "1e3"),
+    ):
+        assert resolve(TrainConfig, overrides=[f"name={written}"]).name == kept, written
+    assert resolve(TrainConfig, overrides=["name=null"]).name is None  # an optional setting left unset
+    assert resolve(TrainConfig, overrides=["seed=007", "gate=user"]).seed == 7  # numbers stay numbers
+    config = tmp_path / "c.yaml"
+    config.write_text("name: 007\nbackbone: yes\nencoder: on\nseed: 12\noutput: 123\n")
+    cfg = resolve(TrainConfig, config)
+    assert (cfg.name, cfg.backbone, cfg.encoder, cfg.seed, str(cfg.output)) == ("007", "yes", "on", 12, "123")
+    ablation = tmp_path / "a.yaml"
+    ablation.write_text("dataset: cyc\ntrain:\n  target_modules: yes\n")
+    a = resolve_ablation(ablation, {}, ["backbone=007", "eval_rows=2"])
+    assert a.train["target_modules"] == "yes" and a.train["backbone"] == "007" and a.eval_rows == 2
+
+
+def test_a_run_named_007_is_called_007(home):
+    r = run_cli("train", "--dataset", "cyc", "name=007", "--print-config", home=home)
+    assert r.returncode == 0 and "name: '007'" in r.stdout, r.stderr

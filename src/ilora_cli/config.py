@@ -77,6 +77,51 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+# YAML 1.1 reads 007 as 7, yes as True and 2024-01-01 as a date. A setting that holds text (a name, a path) keeps
+# what was written instead; a quoted value is a string already, and a null token leaves an optional one unset.
+_NULL_TOKENS = ("~", "null", "Null", "NULL")
+
+
+def _text_field(annotation: Any) -> bool:
+    """Whether a field holds text: str or Path, optionally None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = [a for a in (typing.get_args(annotation) if union else (annotation,)) if a is not type(None)]
+    return bool(kinds) and all(a in (str, Path) for a in kinds)
+
+
+def as_written(value: Any, written: str | None, annotation: Any) -> Any:
+    """``value`` as YAML read it, or the text ``written`` where YAML turned a text setting into something else."""
+    if written is None or not _text_field(annotation) or isinstance(value, (str, list, dict)):
+        return value
+    if value is None and written.strip() in _NULL_TOKENS:
+        return None
+    return written.strip()
+
+
+def written_overrides(pairs: list[str] | None) -> dict[str, str]:
+    """The text of each ``key=value`` pair's value, as written."""
+    return {p.partition("=")[0].strip(): p.partition("=")[2] for p in pairs or [] if "=" in p}
+
+
+def written_scalars(path: Path | None, section: str | None = None) -> dict[str, str]:
+    """The text of each plain (unquoted) scalar value of a YAML config file's top level, or of its ``section``."""
+    if path is None:
+        return {}
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, RecursionError):
+        return {}  # load_yaml reports it
+    if section is not None and isinstance(node, yaml.MappingNode):
+        node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == section), None)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {
+        k.value: v.value
+        for k, v in node.value
+        if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode) and v.style is None
+    }
+
+
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """Turn ``["lr=1e-3", "model=gru4rec"]`` into a dict of YAML-parsed values."""
     out: dict[str, Any] = {}
@@ -117,10 +162,10 @@ def resolve(
     """Build ``cls`` from its defaults, a YAML file, explicit flags (None = not given) and overrides."""
     types_ = _field_types(cls)
     values: dict[str, Any] = {}
-    for source, layer in (
-        ("config file", load_yaml(config_file)),
-        ("flags", {k: v for k, v in (flags or {}).items() if v is not None}),
-        ("overrides", parse_overrides(overrides)),
+    for source, layer, written in (
+        ("config file", load_yaml(config_file), written_scalars(config_file)),
+        ("flags", {k: v for k, v in (flags or {}).items() if v is not None}, {}),
+        ("overrides", parse_overrides(overrides), written_overrides(overrides)),
     ):
         unknown = sorted(set(layer) - set(types_))
         if unknown:
@@ -129,7 +174,7 @@ def resolve(
                 f"valid keys are: {', '.join(sorted(types_))}."
             )
         for key, value in layer.items():
-            values[key] = _coerce(key, value, types_[key])
+            values[key] = _coerce(key, as_written(value, written.get(key), types_[key]), types_[key])
     try:
         config = cls(**values)
     except TypeError as exc:

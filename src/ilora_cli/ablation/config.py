@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import check_minimums, load_yaml, parse_overrides, resolve
+from ..config import (
+    as_written,
+    check_minimums,
+    load_yaml,
+    parse_overrides,
+    resolve,
+    written_overrides,
+    written_scalars,
+)
 from ..errors import UserError
 from ..home import check_name, ilora_home
 
@@ -130,6 +138,15 @@ def default_name(config: AblateConfig) -> str:
 AXES_ORDER = ("experts", "gates", "encoders", "prompts", "objectives", "train_fraction", "seeds", "candidates")
 
 
+def _as_written(values: dict[str, Any], written: dict[str, str]) -> dict[str, Any]:
+    """Training settings that hold text (names, paths) as written, not as YAML read them (007, yes)."""
+    from ..config import _field_types
+    from ..training.loop import TrainConfig
+
+    types = _field_types(TrainConfig)
+    return {k: as_written(v, written.get(k), types[k]) if k in types else v for k, v in values.items()}
+
+
 def resolve_ablation(config_file: Path | None, flags: dict[str, Any], overrides: list[str] | None) -> AblateConfig:
     """The ablation from a YAML file (ablation keys plus a ``train:`` mapping), flags, and key=value pairs.
 
@@ -148,8 +165,9 @@ def resolve_ablation(config_file: Path | None, flags: dict[str, Any], overrides:
             f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in the config file; "
             f"valid keys are: {', '.join(sorted(fields))} (training settings go under train:)."
         )
-    train = dict(train)
-    train.update({k: v for k, v in parse_overrides(overrides).items() if k not in own})
+    train = _as_written(dict(train), written_scalars(config_file, "train"))
+    pairs = {k: v for k, v in parse_overrides(overrides).items() if k not in own}
+    train.update(_as_written(pairs, written_overrides(overrides)))
     ablation_pairs = [p for p in overrides or [] if p.partition("=")[0].strip() in own]
     merged = {**yaml_doc, **{k: v for k, v in flags.items() if v is not None}}
     config = resolve(AblateConfig, None, merged, ablation_pairs)

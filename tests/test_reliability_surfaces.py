@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ilora_cli.errors import UserError
 from ilora_cli.training.loop import TrainConfig, train
 
 from conftest import run_cli
@@ -146,3 +147,66 @@ def test_text_settings_keep_what_was_written(tmp_path):
 def test_a_run_named_007_is_called_007(home):
     r = run_cli("train", "--dataset", "cyc", "name=007", "--print-config", home=home)
     assert r.returncode == 0 and "name: '007'" in r.stdout, r.stderr
+
+
+# -- ablate: the size of a grid, cells that would share a name, candidates the catalogue cannot fill ----------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seeds", [10_000, 250_000], ids=["40,000 cells", "1,000,000 cells"])
+def test_a_huge_grid_is_refused_at_once(home, seeds):
+    """Before: --dry-run expanded and listed every cell of a 40,000- or 1,000,000-cell grid (the command did not
+    answer within 120 s)."""
+    import time
+
+    from ilora_cli.ablation.config import resolve_ablation
+    from ilora_cli.ablation.runner import run_ablation
+
+    flags = {"dataset": "cyc", "experts": "1,2,4,8", "seeds": ",".join(map(str, range(seeds))), "dry_run": True}
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=f"The grid has {4 * seeds:,} cells .* at most 1,000"):
+        run_ablation(resolve_ablation(None, flags, None))
+    assert time.perf_counter() - t0 < 10  # the count alone: 0.2 s here for a million cells
+
+
+def test_grid_values_that_would_share_a_cell_name_are_refused(home):
+    """Before: --train-fraction 0.5,0.5000001 made two cells named users0.5 that shared one run."""
+    from ilora_cli.ablation.config import resolve_ablation
+
+    with pytest.raises(UserError, match="0.5 and 0.5000001 would both be named 'users0.5'"):
+        resolve_ablation(None, {"dataset": "cyc", "train_fraction": "0.5,0.5000001"}, None)
+    assert resolve_ablation(None, {"dataset": "cyc", "train_fraction": "0.5,0.500001"}, None).train_fraction
+
+
+def test_candidates_the_catalogue_cannot_fill_are_refused_by_the_dry_run(home):
+    """Before: --dry-run accepted --candidates 100000, which the real run refused only after training the cell."""
+    r = run_cli("ablate", "--dataset", "cyc", "--candidates", "6,100000", "--dry-run", home=home)
+    assert r.returncode == 2 and "--candidates 100000 is more than the catalogue can fill" in r.stderr, r.stderr
+    r = run_cli("ablate", "--dataset", "cyc", "--candidates", "6,20", "--dry-run", "--json", home=home)
+    assert r.returncode == 0 and len(json.loads(r.stdout)["cells"]) == 2, r.stderr
+
+
+GARBAGE_CONFIGS = {
+    "keys that are numbers": "1: 2\nname: x\n",
+    "a train section with a number as key": "train: {1: 2}\n",
+    "a list": "- a\n- b\n",
+    "a train section that is a list": "train: [1, 2]\n",
+    "an axis that is a mapping": "experts: {a: 1}\n",
+    "nested 100,000 deep": "a: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "binary": None,
+}
+
+
+@pytest.mark.parametrize("case", list(GARBAGE_CONFIGS))
+def test_a_garbage_config_file_is_one_sentence(case, tmp_path):
+    """Before: keys that YAML reads as numbers ended in a TypeError (joining the unknown keys for the message)."""
+    from ilora_cli.ablation.config import resolve_ablation
+    from ilora_cli.config import resolve
+
+    config = tmp_path / "c.yaml"
+    text = GARBAGE_CONFIGS[case]
+    config.write_bytes(os.urandom(3000) if text is None else text.encode())
+    for load in (lambda: resolve_ablation(config, {"dataset": "cyc"}, None), lambda: resolve(TrainConfig, config)):
+        with pytest.raises(UserError) as exc:
+            load()
+        assert "\n" not in str(exc.value)

@@ -14,6 +14,17 @@ import yaml
 from .errors import UserError
 
 C = TypeVar("C")
+# libyaml's safe loader where PyYAML was built with it: the same types, 5x faster on a large file (a grid's list).
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` through :data:`_SafeLoader`."""
+    loader = _SafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -108,7 +119,7 @@ def written_scalars(path: Path | None, section: str | None = None) -> dict[str, 
     if path is None:
         return {}
     try:
-        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=_SafeLoader)
     except (yaml.YAMLError, UnicodeDecodeError, OSError, RecursionError):
         return {}  # load_yaml reports it
     if section is not None and isinstance(node, yaml.MappingNode):
@@ -143,9 +154,11 @@ def load_yaml(path: Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"The config file {path} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _safe_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"The config file {path} is not valid YAML: {str(exc).splitlines()[0]}.") from None
+    except RecursionError:
+        raise UserError(f"The config file {path} is nested too deeply to be a config.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -167,7 +180,7 @@ def resolve(
         ("flags", {k: v for k, v in (flags or {}).items() if v is not None}, {}),
         ("overrides", parse_overrides(overrides), written_overrides(overrides)),
     ):
-        unknown = sorted(set(layer) - set(types_))
+        unknown = sorted(map(str, set(layer) - set(types_)))
         if unknown:
             raise UserError(
                 f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in the {source}; "

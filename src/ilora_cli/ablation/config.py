@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ from ..config import (
 from ..errors import UserError
 from ..home import check_name, ilora_home
 
+# The most cells a grid may have: each trains a run (minutes to hours), so a larger grid is a typo or a plan for
+# months; refusing it at once also keeps --dry-run instant (a grid of 10^6 cells was expanded before).
+MAX_CELLS = 1000
 # Training settings the ablation sets itself, per cell or once: they cannot be given as key=value.
 MANAGED = ("dataset", "name", "output", "overwrite", "resume", "encoder")
 # Training settings that are also axes: key=value fixes them for every cell, unless the axis is given.
@@ -73,6 +77,7 @@ class AblateConfig:
             values = getattr(self, axis)
             if values is not None and (not values or len(set(values)) != len(values)):
                 raise UserError(f"--{axis.replace('_', '-')} needs distinct comma-separated values; got {values}.")
+        self._check_size()
         if any(k < 1 for k in self.experts or []):
             raise UserError(f"Expert counts must be at least 1; got {self.experts}.")
         if any(c < 2 for c in self.candidates or []):
@@ -87,6 +92,30 @@ class AblateConfig:
         if self.name is not None:
             check_name(self.name, "ablation name")
         self._check_train_settings()
+
+    def _check_size(self) -> None:
+        """Count the cells before anything expands them; refuse a grid too large to run, or whose cells would
+        share a name (values that print alike, such as 0.5 and 0.5000001)."""
+        from .grid import AXES
+
+        sizes = {a: len(getattr(self, a)) for a in AXES_ORDER if getattr(self, a) is not None}
+        cells = math.prod(sizes.values())
+        if cells > MAX_CELLS:
+            axes = " x ".join(f"{n:,} {a.replace('_', ' ')}" for a, n in sizes.items())
+            raise UserError(
+                f"The grid has {cells:,} cells ({axes}); at most {MAX_CELLS:,} are allowed, as each cell trains a "
+                "run: split it into smaller ablations."
+            )
+        for axis in sizes:
+            label = AXES[axis][1]
+            seen: dict[str, Any] = {}
+            for value in getattr(self, axis):
+                other = seen.setdefault(label(value), value)
+                if other != value:
+                    raise UserError(
+                        f"--{axis.replace('_', '-')} values {other} and {value} would both be named "
+                        f"{label(value)!r}; give values that differ in their first six significant digits."
+                    )
 
     def _check_train_settings(self) -> None:
         from ..training.loop import TrainConfig
@@ -115,7 +144,7 @@ def train_settings(values: dict[str, Any]) -> dict[str, Any]:
     from ..training.loop import TrainConfig
 
     types = _field_types(TrainConfig)
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(map(str, set(values) - set(types)))
     if unknown:
         raise UserError(
             f"Unknown training setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
@@ -159,7 +188,7 @@ def resolve_ablation(config_file: Path | None, flags: dict[str, Any], overrides:
     train = yaml_doc.pop("train", None) or {}
     if not isinstance(train, dict):
         raise UserError(f"In the config file {config_file}, train must be a mapping of training settings.")
-    unknown = sorted(set(yaml_doc) - fields)
+    unknown = sorted(map(str, set(yaml_doc) - fields))
     if unknown:
         raise UserError(
             f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in the config file; "

@@ -61,14 +61,30 @@ class Plan:
 
 def plan(config: AblateConfig) -> Plan:
     cells = expand(config)
+    dataset = PreparedDataset.open(config.dataset)
+    eval_dataset = PreparedDataset.open(config.eval_dataset) if config.eval_dataset else None
+    check_candidates(config.candidates, dataset, eval_dataset)
     return Plan(
         config=config,
         directory=config.directory(),
-        dataset=PreparedDataset.open(config.dataset),
-        eval_dataset=PreparedDataset.open(config.eval_dataset) if config.eval_dataset else None,
+        dataset=dataset,
+        eval_dataset=eval_dataset,
         cells=cells,
         reference=reference_cell(cells, config.reference),
     )
+
+
+def check_candidates(counts: list[int] | None, dataset: PreparedDataset, eval_dataset: PreparedDataset | None) -> None:
+    """Refuse a candidate count the catalogue cannot fill before any cell trains (the draws are made only when a
+    cell is evaluated): beside a history of up to ``max_history`` items, at most ``n_items - max_history`` fit."""
+    rows_from = eval_dataset or dataset
+    most = min(dataset.n_items, rows_from.n_items) - rows_from.max_history
+    too_many = [n for n in counts or [] if n > most]
+    if too_many:
+        raise UserError(
+            f"--candidates {too_many[0]} is more than the catalogue can fill: {rows_from.n_items} items leave at most "
+            f"{most} candidates beside a history of up to {rows_from.max_history}; ask for at most {most}."
+        )
 
 
 def run_ablation(config: AblateConfig) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def build_encoder(kind: str, n_items: int, model_config: dict[str, Any]) -> Sequ
         raise UserError(f"Unknown encoder type {kind!r}; choose one of: {', '.join(ENCODERS)}.")
     model_cls, config_cls = ENCODERS[kind]
     names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(model_config) - names)
+    unknown = sorted(map(str, set(model_config) - names))
     if unknown:
         raise UserError(f"Unknown {kind} setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}.")
     return model_cls(config_cls(**model_config), n_items)

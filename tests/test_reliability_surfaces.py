@@ -210,3 +210,216 @@ def test_a_garbage_config_file_is_one_sentence(case, tmp_path):
         with pytest.raises(UserError) as exc:
             load()
         assert "\n" not in str(exc.value)
+
+
+# -- ablate over damaged ablation directories ------------------------------------------------------------------------
+
+ABLATE = dict(dataset="cyc", experts="1", candidates="6,8", name="grid", eval_rows=4)
+ABLATE_TRAIN = ["max_steps=1", "batch_size=4", "candidates=6", "quiet=true"]
+
+
+def _ablate(home: Path, **flags):
+    from ilora_cli.ablation.config import resolve_ablation
+    from ilora_cli.ablation.runner import run_ablation
+
+    settings = {**ABLATE, **flags}
+    pairs = [*ABLATE_TRAIN, f"backbone={home / 'tiny-backbone'}", f"eval_rows={settings.pop('eval_rows')}"]
+    return run_ablation(resolve_ablation(None, settings, pairs))
+
+
+@pytest.fixture(scope="module")
+def grid(world):
+    """A finished two-cell ablation (one run, evaluated with 6 and with 8 candidates)."""
+    old = os.environ.get("ILORA_HOME")
+    os.environ["ILORA_HOME"] = str(world)
+    try:
+        doc = _ablate(world)
+    finally:
+        os.environ.pop("ILORA_HOME", None) if old is None else os.environ.__setitem__("ILORA_HOME", old)
+    assert doc["unfinished"] == []
+    return world / "ablations" / "grid"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+ABLATION_DAMAGE = {
+    "cell truncated": lambda d, home: _truncate(d / "cells" / "k1_c6.json"),
+    "cell a list": lambda d, home: (d / "cells" / "k1_c6.json").write_text("[1, 2]"),
+    "cell without metrics": lambda d, home: (d / "cells" / "k1_c6.json").write_text('{"metrics": 5}'),
+    "attempt log half-written": lambda d, home: (d / "logs" / "k1.jsonl").open("a").write('{"seconds": 1'),
+    "attempt log with a list": lambda d, home: (d / "logs" / "k1.jsonl").open("a").write("[1]\n"),
+    "run log half-written": lambda d, home: (d / "runs" / "k1" / "logs" / "train.jsonl").open("a").write('{"st'),
+    "extra candidates truncated": lambda d, home: (
+        (d / "cells" / "k1_c8.json").unlink(),
+        _truncate(home / "datasets" / "cyc" / "extra_candidates" / "val-c8.safetensors"),
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(ABLATION_DAMAGE))
+def test_an_ablation_over_damaged_files_finishes_or_says_why(home, grid, tmp_path, damage):
+    """Before: every case ended in a traceback (JSONDecodeError, AttributeError, KeyError, SafetensorError),
+    in the run and in --dry-run. Now a damaged cell is evaluated again and damaged log lines are skipped."""
+    copy = tmp_path / "grid"
+    shutil.copytree(grid, copy)
+    ABLATION_DAMAGE[damage](copy, home)
+    plan = _ablate(home, output=copy, dry_run=True)
+    assert len(plan["cells"]) == 2
+    doc = _ablate(home, output=copy)
+    assert doc["unfinished"] == [] and [c["metrics"]["mrr"]["mean"] for c in doc["cells"]] == [
+        c["metrics"]["mrr"]["mean"] for c in json.loads((grid / "results.json").read_text())["cells"]
+    ]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"dataset": '])
+def test_an_ablation_with_a_damaged_ablation_json_is_refused_in_one_sentence(home, grid, tmp_path, text):
+    copy = tmp_path / "grid"
+    shutil.copytree(grid, copy)
+    (copy / "ablation.json").write_text(text)
+    with pytest.raises(UserError, match="ablation.json cannot be read") as exc:
+        _ablate(home, output=copy)
+    assert "\n" not in str(exc.value)
+
+
+# -- gradient-conflict, export, eval: damaged or unwritable places ---------------------------------------------------
+
+
+def test_gradient_conflict_with_more_clusters_than_distinct_users_is_one_sentence(home, tmp_path):
+    """Before: k-means left clusters empty (duplicate user representations) and the analysis ended in an
+    AttributeError on their missing gradient."""
+    from ilora_cli.ablation.analysis import AnalysisConfig, gradient_conflict
+
+    with pytest.raises(UserError, match="distinct user representations .* fewer than the 250 clusters"):
+        gradient_conflict(AnalysisConfig(run="s2", clusters=250, rows_per_cluster=1, output=tmp_path / "gc"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: (r / "evaluations.json").write_text("{bad"),
+        lambda r: (r / "evaluations.json").write_text("[1, 2]"),
+        lambda r: (r / "logs" / "validation.jsonl").write_text('{"step": 2}\n{"st'),
+        lambda r: (r / "logs" / "train.jsonl").write_text('[1]\n{"step": 1, "loss"'),
+    ],
+    ids=["evaluations truncated", "evaluations a list", "validation log damaged", "train log damaged"],
+)
+def test_export_and_eval_of_a_run_with_damaged_logs_or_evaluations(home, tmp_path, damage):
+    """Before: export (which writes the card when the run has none) and eval (which rewrites it) ended in
+    JSONDecodeError, TypeError or KeyError on the damaged file."""
+    from ilora_cli.api import evaluate, export
+
+    run = _copy_run(home, tmp_path)
+    damage(run)
+    (run / "README.md").unlink()
+    out = export(run=str(run), output=tmp_path / "export")
+    assert "README.md" in out["files"]
+    result = evaluate(runs=[str(run)], max_samples=2, draws=1, quiet=True)
+    assert "s2-copy" in result["results"] and "evaluations.json" in os.listdir(run)
+    assert len(json.loads((run / "evaluations.json").read_text())) == 1
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A function that makes a read-only copy of a folder: a read-only tmpfs where this runs as root (which
+    ignores file modes) and mounting is allowed, else a copy without write permission."""
+    mounts = []
+
+    def make(src: Path | None, name: str) -> Path:
+        target = tmp_path / f"ro-{name}"
+        target.mkdir()
+        if os.geteuid() == 0:
+            import subprocess
+
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(target)]).returncode:
+                pytest.skip("a read-only folder needs a tmpfs mount here (running as root)")
+            mounts.append(target)
+        if src is not None:
+            shutil.copytree(src, target / src.name)
+        if os.geteuid() == 0:
+            subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
+        else:
+            for folder, _, _ in os.walk(target):
+                os.chmod(folder, 0o555)
+        return target
+
+    yield make
+    for target in mounts:
+        __import__("subprocess").run(["umount", str(target)])
+
+
+def test_export_to_and_eval_of_a_read_only_place_are_one_sentence(home, read_only, tmp_path):
+    """Before: export into a read-only folder and eval of a read-only run (predictions written into it) ended in
+    OSError tracebacks, the second after the whole evaluation."""
+    folder = read_only(None, "out")
+    r = run_cli("export", "--run", "s2", "--output", str(folder / "copy"), home=home)
+    assert r.returncode == 2 and "Could not write" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    run = read_only(home / "runs" / "s2", "run") / "s2"
+    r = run_cli("eval", "--run", str(run), "--max-samples", "2", home=home)
+    assert r.returncode == 2 and "--predictions" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("eval", "--run", str(run), "--max-samples", "2", "--predictions", str(tmp_path / "p.jsonl"), home=home)
+    assert r.returncode == 0 and "card of" in r.stderr and (tmp_path / "p.jsonl").is_file(), r.stderr
+
+
+def test_a_truncated_backbone_is_one_sentence_in_train_and_recommend(home, tmp_path):
+    """Before: a SafetensorError traceback from transformers."""
+    backbone = tmp_path / "backbone"
+    shutil.copytree(home / "tiny-backbone", backbone)
+    _truncate(backbone / "model.safetensors")
+    r = run_cli("train", "--dataset", "cyc", "--backbone", str(backbone), "--name", "tb", "--max-steps", "1",
+                "--batch-size", "4", "candidates=6", home=home)  # fmt: skip
+    assert r.returncode == 2 and "Could not load the backbone" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (home / "runs" / "tb").exists()
+    run = _copy_run(home, tmp_path)
+    _edit_info(run, lambda info: info["backbone"].__setitem__("name", str(backbone)))
+    history = tmp_path / "h.json"
+    history.write_text("[1, 2]")
+    r = run_cli("recommend", "--run", str(run), "--user-history", str(history), home=home)
+    assert r.returncode == 2 and "Could not load the backbone" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- seeds and the Python API ----------------------------------------------------------------------------------------
+
+
+def test_a_seed_of_2_to_the_32_is_one_sentence(home):
+    """Before: train with --seed 4294967296 ended in numpy's ValueError from accelerate's set_seed."""
+    from ilora_cli.ablation.analysis import AnalysisConfig
+    from ilora_cli.ablation.config import resolve_ablation
+    from ilora_cli.config import resolve
+    from ilora_cli.data.prepare import PrepareConfig
+    from ilora_cli.encoders.train import EncodeConfig
+
+    for cls, extra in ((TrainConfig, []), (PrepareConfig, []), (EncodeConfig, []), (AnalysisConfig, ["run=x"])):
+        with pytest.raises(UserError, match="seed must be from 0 to 4294967295"):
+            resolve(cls, overrides=[*extra, "seed=4294967296"])
+        resolve(cls, overrides=[*extra, "seed=4294967295"])
+    for flags in ({"seed": 2**32}, {"seeds": f"1,{2**32}"}):
+        with pytest.raises(UserError, match="4294967295"):
+            resolve_ablation(None, {"dataset": "cyc", **flags}, None)
+    r = run_cli("train", "--dataset", "cyc", "--backbone", str(home / "tiny-backbone"), "--seed", str(2**32),
+                home=home)  # fmt: skip
+    assert r.returncode == 2 and "seed must be" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_python_api_answers_wrong_types_with_a_user_error(home, tmp_path):
+    """Before: TypeError for a config of another class or histories that are not a list, KeyError for a
+    history object without "history", and paths made of whatever was passed (output={} wrote into '{}')."""
+    import ilora_cli
+    from ilora_cli.evaluation.evaluate import EvalConfig
+
+    calls = {
+        "a config of another class": lambda: ilora_cli.train(EvalConfig(runs=["x"])),
+        "a string as the config": lambda: ilora_cli.train("cyc"),
+        "histories that are a string": lambda: ilora_cli.recommend("s2", "abc"),
+        "a history object without history": lambda: ilora_cli.recommend("s2", [{"foo": 1}]),
+        "a run that is a number": lambda: ilora_cli.recommend(5, [[1]]),
+        "a path that is a mapping": lambda: ilora_cli.export(run="s2", output={}),
+        "a path that is a list": lambda: ilora_cli.recommend("s2", [[1]], candidates=[1, 2]),
+        "a name that is a boolean": lambda: ilora_cli.train(dataset="cyc", name=True),
+    }
+    for what, call in calls.items():
+        with pytest.raises(UserError):
+            call()
+            pytest.fail(what)
+    assert not (Path.cwd() / "{}").exists()

@@ -80,11 +80,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         except (TypeError, ValueError):
             raise UserError(f"{name} must be a number; got {value!r}.") from None
     if annotation is str:
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list, tuple, bool)):
             raise UserError(f"{name} must be a string; got {value!r}.")
         return str(value)
     if annotation is Path:
-        return Path(str(value))
+        if isinstance(value, (dict, list, tuple, bool)) or value is None:
+            raise UserError(f"{name} must be a path; got {value!r}.")
+        return Path(value) if isinstance(value, Path) else Path(str(value))
     return value
 
 
@@ -129,7 +131,7 @@ def written_scalars(path: Path | None, section: str | None = None) -> dict[str, 
     return {
         k.value: v.value
         for k, v in node.value
-        if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode) and v.style is None
+        if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode) and not v.style  # plain: None or ""
     }
 
 
@@ -196,6 +198,16 @@ def resolve(
     if check is not None:
         check()
     return config
+
+
+MAX_SEED = 2**32 - 1  # numpy's and accelerate's seeding refuse more (a ValueError deep inside, before)
+
+
+def check_seed(config: Any, field: str = "seed") -> None:
+    """Refuse a seed outside [0, 2³² − 1] in one sentence."""
+    value = getattr(config, field)
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise UserError(f"{field} must be from 0 to {MAX_SEED} (2^32 - 1); got {value}.")
 
 
 def check_minimums(config: Any, minimums: dict[str, int]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import check_minimums, resolve
+from ..config import check_minimums, check_seed, resolve
 from ..console import err
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
@@ -52,6 +52,7 @@ class AnalysisConfig:
             raise UserError("Pass --run RUN (and optionally --baseline RUN) to the gradient-conflict analysis.")
         check_minimums(self, {"clusters": 2, "rows_per_cluster": 1, "cluster_rows": 2, "batch_size": 1})
         check_device(self.device)
+        check_seed(self)
         if self.name is not None:
             check_name(self.name, "analysis name")
 
@@ -159,6 +160,12 @@ def user_clusters(encoder, split: SplitData, config: AnalysisConfig) -> dict[str
     if len(rows) < config.clusters:
         raise UserError(f"{len(rows)} training rows are too few for {config.clusters} clusters.")
     reps = user_representations(encoder, split)[rows]  # (n, d)
+    distinct = len(np.unique(reps, axis=0))
+    if distinct < config.clusters:  # k-means would leave clusters empty, with no rows and no gradient
+        raise UserError(
+            f"The encoder gives {distinct} distinct user representations of the {len(rows)} rows clustered, fewer "
+            f"than the {config.clusters} clusters asked for; lower clusters (or raise cluster_rows)."
+        )
     kmeans = KMeans(n_clusters=config.clusters, n_init=10, random_state=config.seed).fit(reps)
     labels = kmeans.labels_
     chosen = []

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
+    MAX_SEED,
     as_written,
     check_minimums,
+    check_seed,
     load_yaml,
     parse_overrides,
     resolve,
@@ -77,13 +79,16 @@ class AblateConfig:
             values = getattr(self, axis)
             if values is not None and (not values or len(set(values)) != len(values)):
                 raise UserError(f"--{axis.replace('_', '-')} needs distinct comma-separated values; got {values}.")
-        self._check_size()
+        check_seed(self)
+        if any(not 0 <= s <= MAX_SEED for s in self.seeds or []):
+            raise UserError(f"Seeds must be in [0, {MAX_SEED}]; got {self.seeds}.")
         if any(k < 1 for k in self.experts or []):
             raise UserError(f"Expert counts must be at least 1; got {self.experts}.")
         if any(c < 2 for c in self.candidates or []):
             raise UserError(f"An evaluation needs at least 2 candidates; got {self.candidates}.")
         if any(not 0 < f <= 1 for f in self.train_fraction or []):
             raise UserError(f"Train fractions must be in (0, 1]; got {self.train_fraction}.")
+        self._check_size()
         if self.split not in ("val", "test"):
             raise UserError(f"Unknown split {self.split!r}; choose val or test.")
         check_minimums(self, {"eval_draws": 1, "eval_rows": 1, "eval_batch_size": 1, "encode_epochs": 1})

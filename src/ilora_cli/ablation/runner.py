@@ -17,6 +17,7 @@ runs that finished training but not evaluation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -144,7 +145,12 @@ def _claim_directory(p: Plan) -> None:
     }
     manifest = p.directory / "ablation.json"
     if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
+        old = json_doc(manifest)
+        if old is None:
+            raise UserError(
+                f"The ablation directory {p.directory} is damaged (ablation.json cannot be read), so it cannot be "
+                "checked to hold this ablation; pass --overwrite or choose another --name or --output."
+            )
         for key in ("dataset", "eval_dataset"):
             if (old.get(key) or {}).get("checksum") != (doc.get(key) or {}).get("checksum"):
                 raise UserError(
@@ -158,6 +164,31 @@ def _claim_directory(p: Plan) -> None:
 
 def _dataset_doc(ds: PreparedDataset | None) -> dict[str, Any] | None:
     return None if ds is None else {"name": ds.name, "checksum": ds.checksum, "path": str(ds.path)}
+
+
+def json_doc(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing, truncated, not JSON or not an object: what an
+    ablation writes (cells, attempt logs) is read back only where it is whole."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines log, skipping lines that are not (the half-written last line of a killed
+    process, an edited line)."""
+    out = []
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def _write_json(path: Path, doc: Any) -> None:
@@ -293,9 +324,11 @@ def _resumed_step(summary: dict[str, Any]) -> int:
 def train_minutes(p: Plan, cell: Cell) -> float:
     """Wall minutes of every training attempt of the cell's run (loading included)."""
     log = p.directory / "logs" / f"{cell.train_key}.jsonl"
-    if not log.is_file():
-        return 0.0
-    return sum(json.loads(x)["seconds"] for x in log.read_text(encoding="utf-8").splitlines() if x) / 60
+    return sum(a["seconds"] for a in json_lines(log) if _number(a.get("seconds"))) / 60
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # -- evaluation -----------------------------------------------------------------------------------------
@@ -319,16 +352,32 @@ def _weights_digest(directory: Path) -> str | None:
 
 
 def _finished(p: Plan, cell: Cell) -> bool:
-    f = cell_file(p, cell)
-    if not f.is_file():
+    """Whether the cell's file is whole and was written for the current weights of its run and this evaluation;
+    a damaged cell file counts as not finished: the cell is evaluated again."""
+    doc = json_doc(cell_file(p, cell))
+    if doc is None or cell_problem(doc) is not None:
         return False
-    doc = json.loads(f.read_text(encoding="utf-8"))
     return (
         doc.get("eval_identity") == eval_identity(p, cell)
         and doc.get("train_identity") == identity(to_dict(_cell_train_config(p, cell)))
         and (run_dir(p, cell) / "ilora.json").is_file()
         and doc.get("weights_sha256") == _weights_digest(run_dir(p, cell))
     )
+
+
+def cell_problem(doc: dict[str, Any]) -> str | None:
+    """What a cell document lacks that the report reads, or None."""
+    for key in ("metrics", "llm_metrics", "encoder_metrics"):
+        mrr = doc.get(key, {}).get("mrr") if isinstance(doc.get(key), dict) else None
+        if not (isinstance(mrr, dict) and _number(mrr.get("mean"))):
+            return f"no {key}"
+    for key in ("train_minutes", "eval_minutes"):
+        if not _number(doc.get(key)):
+            return f"no {key}"
+    per_user = doc.get("per_user")
+    if not (isinstance(per_user, dict) and all(isinstance(v, list) for v in per_user.values())):
+        return "no per-user results"
+    return None
 
 
 def eval_split(p: Plan, cell: Cell) -> tuple[SplitData, dict[str, Any] | None]:
@@ -508,20 +557,16 @@ def _measured_seconds_per_sample(p: Plan) -> dict[tuple[str, str], float]:
     totals: dict[tuple[str, str], list[float]] = {}
     logs = p.directory / "logs"
     for f in sorted(logs.glob("*.jsonl")) if logs.is_dir() else []:
-        for line in f.read_text(encoding="utf-8").splitlines():
-            a = json.loads(line)
-            if a.get("samples"):
-                t = totals.setdefault((a["objective"], a["prompt"]), [0.0, 0.0])
+        for a in json_lines(f):
+            if _number(a.get("samples")) and _number(a.get("seconds")) and a.get("samples") > 0:
+                t = totals.setdefault((str(a.get("objective")), str(a.get("prompt"))), [0.0, 0.0])
                 t[0] += a["seconds"]
                 t[1] += a["samples"]
     return {k: s / n for k, (s, n) in totals.items() if n}
 
 
 def read_cell(p: Plan, cell: Cell) -> dict[str, Any] | None:
-    f = cell_file(p, cell)
-    if not _finished(p, cell):
-        return None
-    return json.loads(f.read_text(encoding="utf-8"))
+    return json_doc(cell_file(p, cell)) if _finished(p, cell) else None
 
 
 def loss_curves(p: Plan) -> dict[str, list[tuple[int, float]]]:
@@ -530,6 +575,6 @@ def loss_curves(p: Plan) -> dict[str, list[tuple[int, float]]]:
     for key, group in _by_run(p.cells).items():
         log = run_dir(p, group[0]) / "logs" / "train.jsonl"
         if log.is_file():
-            records = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x]
-            out[key] = [(r["step"], r["loss"]) for r in records if "loss" in r]
+            records = [r for r in json_lines(log) if _number(r.get("step")) and isinstance(r.get("loss"), float)]
+            out[key] = [(r["step"], r["loss"]) for r in records]
     return out

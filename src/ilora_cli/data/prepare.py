@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import check_minimums, check_range
+from ..config import check_minimums, check_range, check_seed
 from ..console import err
 from ..errors import UserError
 from ..home import check_name, check_replaceable, dataset_dir
@@ -52,6 +52,7 @@ class PrepareConfig:
             raise UserError(f"Unknown domain {self.domain!r}; choose music, movies, games or generic.")
         check_minimums(self, {"max_history": 1, "min_history": 1, "candidates": 2, "draws": 1, "seed": 0})
         check_range(self, "draws", high=MAX_DRAWS)
+        check_seed(self)
         if self.format == "synthetic":
             from .formats.synthetic import MAX_ITEMS, MIN_ITEMS
 

@@ -93,14 +93,17 @@ def _more(split: SplitData, n_items: int, n: int, seed: int) -> np.ndarray:
 
 
 def _read_extra(path: Path, checksum: str, base_shape: tuple[int, ...]) -> np.ndarray | None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="numpy") as fh:
-        meta = fh.metadata() or {}
-        cands = fh.get_tensor("candidates")
-    if meta.get("split_checksum") != checksum or cands.shape[:2] != base_shape[:2]:
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+            cands = fh.get_tensor("candidates")
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None  # damaged (truncated, edited): drawn again, and stored again in its place
+    if meta.get("split_checksum") != checksum or cands.shape[:2] != base_shape[:2] or cands.ndim != 3:
         return None  # drawn for another version of the split: draw again
     return cands.astype(np.int64)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import console
-from ..config import check_minimums, check_range, to_dict
+from ..config import check_minimums, check_range, check_seed, to_dict
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
 from ..home import atomic_directory, check_name, check_replaceable, encoder_dir
@@ -97,6 +97,7 @@ class EncodeConfig:
             },
         )
         check_range(self, "hidden_size", high=MAX_HIDDEN)
+        check_seed(self)
         if self.model == "sasrec" and self.hidden_size % self.num_heads:
             raise UserError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
         check_range(self, "dropout", low=0, high=1, high_open=True)

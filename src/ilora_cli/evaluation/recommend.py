@@ -112,8 +112,8 @@ def read_histories(path: Path, what: str = "history file") -> tuple[list[Any], b
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 users.append(_history_line(line, path, lineno))
-    if not batch and _history_problem(doc) is not None:
-        raise UserError(f"{path}: {_history_problem(doc)}.")
+    if not batch and history_problem(doc) is not None:
+        raise UserError(f"{path}: {history_problem(doc)}.")
     return users, batch
 
 
@@ -124,12 +124,13 @@ def _history_line(line: str, path: Path, lineno: int) -> Any:
         return BadLine(f"{path} line {lineno} is not valid JSON ({exc.msg})")
     except RecursionError:
         return BadLine(f"{path} line {lineno} is nested too deeply to be a history")
-    problem = _history_problem(doc)
+    problem = history_problem(doc)
     return doc if problem is None else BadLine(f"{path} line {lineno}: {problem}")
 
 
-def _history_problem(doc: Any) -> str | None:
-    if isinstance(doc, list) or (isinstance(doc, dict) and "history" in doc):
+def history_problem(doc: Any) -> str | None:
+    """Why ``doc`` is not a history (a list of item ids or titles, or ``{"history": [...], "dataset": name}``)."""
+    if isinstance(doc, list) or (isinstance(doc, dict) and isinstance(doc.get("history"), list)):
         return None  # {"history": [...], "dataset": optional name the ids refer to}
     return "a history must be a JSON list of item ids or titles"
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import check_minimums, check_range, to_dict
+from ..config import check_minimums, check_range, check_seed, to_dict
 from ..console import err, labelled, progress
 from ..devices import check_device, resolve_device
 from ..errors import UserError
@@ -131,6 +131,7 @@ class TrainConfig:
             },
         )
         self._check_ranges()
+        check_seed(self)
         if self.validate_at is not None and any(x < 1 for x in self.validate_at):
             raise UserError(f"validate_at lists optimisation steps, from 1; got {self.validate_at}.")
         if self.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:

@@ -193,3 +193,21 @@ def test_resume_with_other_settings_is_refused_naming_them(home):
     # what only says how this invocation runs may change: checkpoints, logging, stopping
     done = train(_cfg(home, name="half", max_steps=4, checkpoint_every=2, log_every=2, resume=True))
     assert done["complete"] and done["resumed_from"].endswith("step-000002")
+
+
+# -- what a failed first step leaves ---------------------------------------------------------------------------------
+
+
+def test_a_loss_that_is_not_finite_before_any_checkpoint_leaves_nothing(home):
+    """Before: an infinite loss at step 1 left a run directory without a checkpoint, so the same command then
+    failed with "already exists" and needed --resume or --overwrite."""
+    for _ in range(2):  # the same command twice: the same sentence, not "already exists"
+        with pytest.raises(UserError, match="loss became inf at step 1.*nothing was left behind"):
+            train(_cfg(home, name="inf", max_steps=3, distill_weight=1e39))
+        assert not (home / "runs" / "inf").exists()
+    assert train(_cfg(home, name="inf", max_steps=1))["complete"]  # and with sane settings, no flag needed
+    # a finished run that --overwrite would replace stays, and the run trained beside it is gone too
+    with pytest.raises(UserError, match="nothing was left behind"):
+        train(_cfg(home, name="inf", max_steps=3, distill_weight=1e39, overwrite=True))
+    assert (home / "runs" / "inf" / "ilora.json").is_file()
+    assert sorted(p.name for p in (home / "runs").iterdir()) == ["inf"]

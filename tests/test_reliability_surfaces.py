@@ -423,3 +423,13 @@ def test_the_python_api_answers_wrong_types_with_a_user_error(home, tmp_path):
             call()
             pytest.fail(what)
     assert not (Path.cwd() / "{}").exists()
+
+
+def test_a_rank_wider_than_the_backbone_is_refused_before_allocating(home):
+    """Before: rank=1000000 allocated 5.6 GB of LoRA weights before failing."""
+    import resource
+
+    with pytest.raises(UserError, match="rank 1000000 is wider than the backbone's hidden size \\(64\\)"):
+        train(TrainConfig(backbone=str(home / "tiny-backbone"), name="wide", rank=1_000_000, experts=1, **FAST))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 << 20  # KiB: the process never grew to 4 GiB
+    assert not (home / "runs" / "wide").exists()

@@ -336,12 +336,14 @@ class Trainer:
 
     def _setup_model(self) -> None:
         from ..llm.backbone import load_backbone, prepare_for_training
+        from ..llm.limits import check_rank
         from ..llm.model import ExpertConfig, ILoraModel, attach_lora
         from ..llm.prompt import PromptBuilder
 
         config = self.config
         t_load = time.perf_counter()
         base, tokenizer = load_backbone(self.spec)
+        check_rank(base, config.rank)
         base = prepare_for_training(base, config.gradient_checkpointing)
         self.experts = ExpertConfig(
             experts=config.experts,
@@ -611,6 +613,9 @@ class Trainer:
 
         kept = list_checkpoints(self.run_dir / "checkpoints")
         where = f"the last good checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint had been written yet"
+        if not kept and self.fresh_start and self.main:
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing to resume: leave nothing for a re-run to trip on
+            where += ", and nothing was left behind"
         raise UserError(
             f"The training loss became {loss} at step {self.step_count}, so training stopped ({where}); "
             "lower lr or alpha, or check the other settings."

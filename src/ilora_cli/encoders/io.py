@@ -122,6 +122,8 @@ def check_compatible(info: dict[str, Any], dataset: PreparedDataset) -> None:
     """Refuse an encoder trained on another catalogue: its item rows would mean different items."""
     where = info.get("path", "the encoder")
     trained = info.get("dataset") or {}
+    if not isinstance(trained, dict):  # an edited encoder.json: its dataset must describe one, with a checksum
+        raise UserError(f"{where}/{CONFIG_FILE} does not describe the dataset it was trained on; train it again.")
     trained_name = trained.get("name", "?")
     if int(info["n_items"]) != dataset.n_items:
         raise UserError(

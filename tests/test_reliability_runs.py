@@ -148,6 +148,21 @@ def test_a_damaged_run_of_an_older_version_is_refused_too(world, tmp_path, damag
         load_run(run)
 
 
+def test_an_intact_run_of_an_older_version_loads(runs, world, tmp_path):
+    """The damage cases above only show that old runs can be refused; this one must load, or "refuse every run
+    without a manifest" would pass them all. Runs of older versions have no manifest and no manifest key."""
+    from ilora_cli.training.loop import weights_digest
+
+    _, full = runs
+    run = tmp_path / "old"
+    shutil.copytree(world / "runs" / "rel-full", run)
+    (run / "manifest.json").unlink()
+    _edit(lambda info: info.pop("manifest"))(run)
+    assert not (run / "manifest.json").exists() and "manifest" not in json.loads((run / "ilora.json").read_text())
+    loaded = load_run(run)
+    assert loaded.model.config.experts == 4 and weights_digest(loaded.model) == full["weights_sha256"]
+
+
 def test_an_intact_run_loads_and_its_backbone_path_may_be_edited(world, tmp_path):
     run = tmp_path / "moved"
     shutil.copytree(world / "runs" / "rel-full", run)

@@ -50,10 +50,12 @@ CASES = [(cls, bad) for cls, bads in BAD_SETTINGS.items() for bad in bads]
 
 
 @pytest.mark.parametrize("cls,bad", CASES, ids=[f"{c.__name__}-{b}" for c, b in CASES])
-def test_a_setting_out_of_range_is_one_sentence(cls, bad):
+def test_a_setting_out_of_range_is_one_sentence_naming_it(cls, bad):
     with pytest.raises(UserError) as exc:
         resolve(cls, overrides=[*REQUIRED.get(cls, []), bad])
-    assert "\n" not in str(exc.value)
+    message, key = str(exc.value), bad.partition("=")[0]
+    assert "\n" not in message
+    assert key in message or key.replace("_", "-") in message, message  # the setting, or its flag
 
 
 def test_train_refuses_an_output_that_is_a_file_and_unknown_target_modules(tiny_world, monkeypatch, tmp_path):
@@ -206,7 +208,7 @@ def test_an_id2name_with_a_huge_id_allocates_nothing(tmp_path, ilora_home):
     t0 = time.perf_counter()
     with pytest.raises(UserError, match="id 40 is missing"):  # before: a list over range(10**11), 19 GB
         prepare(_llara(tmp_path, names))
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 1  # docs/RELIABILITY.md: well under a second (0.02 s measured)
 
 
 def test_llara_splits_of_different_widths_are_one_sentence(tmp_path, ilora_home):
@@ -218,7 +220,7 @@ def test_llara_splits_of_different_widths_are_one_sentence(tmp_path, ilora_home)
 def test_a_huge_max_history_costs_what_the_data_holds(ilora_home):
     t0 = time.perf_counter()
     meta = prepare(PrepareConfig(dataset="big", max_history=1_000_000, synthetic_users=40))
-    assert time.perf_counter() - t0 < 30  # before: minutes, a (rows, 10**6) table
+    assert time.perf_counter() - t0 < 2  # before: minutes, a (rows, 10**6) table; docs: under 2 s (0.1-0.3 s here)
     assert meta["max_history"] == 23  # the longest history of the synthetic users (sequences of up to 24)
 
 

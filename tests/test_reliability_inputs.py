@@ -127,6 +127,39 @@ def test_a_backbone_that_ignores_position_ids_is_refused(tmp_path):
     assert "\n" not in str(exc.value)
 
 
+def _tiny(kind: str):
+    from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXConfig
+
+    torch.manual_seed(0)
+    config, impl = {
+        "gpt2": (GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1), "sdpa"),
+        "gpt_neox": (GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64), "sdpa"),
+        "bloom": (BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4), "eager"),  # no sdpa in Bloom
+    }[kind]  # fmt: skip
+    return AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox"])
+def test_the_packed_scoring_probe_accepts_gpt2_and_gpt_neox(kind):
+    """docs/RELIABILITY.md: GPT-2 and GPT-NeoX honour position ids and a 4-D mask (they match to 0.0 in fp32)."""
+    from ilora_cli.llm.backbone import check_packed_scoring, packed_scoring_error
+
+    model = _tiny(kind)
+    assert packed_scoring_error(model) < 1e-6
+    check_packed_scoring(model, kind)
+
+
+def test_the_packed_scoring_probe_refuses_bloom():
+    """Bloom places tokens by ALiBi and cannot take the 4-D mask at all: the probe cannot run, so it is refused."""
+    from ilora_cli.llm.backbone import check_packed_scoring, packed_scoring_error
+
+    model = _tiny("bloom")
+    assert packed_scoring_error(model) is None
+    with pytest.raises(UserError, match="a probe cannot run it"):
+        check_packed_scoring(model, "tiny-bloom")
+
+
 # -- readers ---------------------------------------------------------------------------------------------------------
 
 

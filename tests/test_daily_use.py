@@ -69,6 +69,7 @@ def test_our_schedule_is_not_transformers_cosine_with_min_lr_so_it_stays():
     np.testing.assert_allclose(seq_ours[4:], seq_theirs[4:], rtol=1e-12)  # identical cosine after warm-up
 
 
+@pytest.mark.slow
 def test_training_writes_pictures_and_keeps_the_best_checkpoint(world):
     r = train(_cfg(world, name="pics", max_steps=4, experts=2, validate_every=2, keep_best=True))
     run_dir = world / "runs" / "pics"
@@ -90,6 +91,7 @@ def test_training_writes_pictures_and_keeps_the_best_checkpoint(world):
     assert [p.name for p in best] == [f"step-{best_step:06d}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings,best", [({"fusion_lr": 1.0}, 1), ({"lr": 0.5, "fusion_lr": 1.0}, 3)])
 def test_keep_best_loads_the_best_weights_into_the_run(world, settings, best):
     """The validation MRR alone decides which weights the run ends with: here step 1's (a fast fusion rate makes
@@ -120,6 +122,7 @@ def test_keep_best_needs_validation(world):
         _cfg(world, keep_best=True).validate()
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_writes_event_files(world):
     pytest.importorskip("tensorboard")
     train(_cfg(world, name="tb", max_steps=2, experts=2, report_to="tensorboard", validate_at=[2]))

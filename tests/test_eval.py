@@ -21,7 +21,7 @@ from ilora_cli.llm.prompt import PromptBuilder, add_placeholder_tokens
 from ilora_cli.training.loop import TrainConfig, train
 from ilora_cli.training.run import LoadedRun
 
-from conftest import run_cli
+from conftest import run_main as run_cli  # in this process: see run_main
 from tiny import tiny_llama, word_tokenizer
 
 
@@ -86,6 +86,7 @@ def test_match_answer_rule():
     assert match_answer("nothing here", titles) is None
 
 
+@pytest.mark.slow
 def test_eval_score_mode_aggregates_over_draws(world, tmp_path):
     pred = tmp_path / "p.jsonl"
     res = evaluate(EvalConfig(runs=["ev4"], predictions=pred, quiet=True))
@@ -121,6 +122,7 @@ def test_eval_score_mode_aggregates_over_draws(world, tmp_path):
         assert got["mrr"]["mean"] == pytest.approx(metrics.aggregate(per_draw)["mrr"]["mean"], abs=1e-4), field
 
 
+@pytest.mark.slow
 def test_eval_side_by_side_generate_and_retrieve(world):
     res = evaluate(EvalConfig(runs=["ev4", "ev1"], encoder=True, quiet=True, max_samples=3))
     assert set(res["results"]) == {"ev4", "ev1", "encoder"} and res["n_rows"] == 3
@@ -130,6 +132,7 @@ def test_eval_side_by_side_generate_and_retrieve(world):
     assert ret["protocol"].startswith("full ranking") and {"hr@1", "hr@5", "ndcg@5"} <= set(ret["metrics"])
 
 
+@pytest.mark.slow
 def test_cli_eval_json_and_errors(world):
     r = run_cli("eval", "--run", "ev4", "--max-samples", "2", "--json", "quiet=true", home=world)
     assert r.returncode == 0, r.stderr
@@ -160,6 +163,7 @@ def test_item_resolver():
         res(1.5)
 
 
+@pytest.mark.slow
 def test_cli_recommend_single_batch_and_bad_input(world, tmp_path):
     h = tmp_path / "h.json"
     h.write_text(json.dumps([0, "Item B1", "item c2"]))
@@ -210,6 +214,7 @@ def test_cli_recommend_single_batch_and_bad_input(world, tmp_path):
     assert r.returncode == 2 and "backbone" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_a_run_trained_on_mean_scores_is_evaluated_on_mean_scores(world, tmp_path):
     from ilora_cli.training.run import load_run
 
@@ -257,6 +262,7 @@ def _with_fusion(world, tmp_path, name: str, fusion) -> str:
     return str(run)
 
 
+@pytest.mark.slow
 def test_the_fusion_weights_decide_the_order_in_recommend_and_eval(world, tmp_path):
     """After two training steps the learned LLM weight is about 0, so a recommend or eval that ignored the LLM
     would pass a check of the formula alone. Here the weights are set so that one side decides alone: the
@@ -292,6 +298,7 @@ def test_the_fusion_weights_decide_the_order_in_recommend_and_eval(world, tmp_pa
             assert line["prediction"] == line["candidates"][int(np.argmax(line[field]))]
 
 
+@pytest.mark.slow
 def test_a_run_without_fusion_is_evaluated_and_recommended_by_the_llm_alone(world, tmp_path):
     from ilora_cli.api import recommend
 
@@ -329,6 +336,7 @@ def _encoder_top(run_dir, histories: list[list[int]], n: int) -> list[set[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_retrieved_candidates_are_the_encoders_top_items_outside_the_history(world, tmp_path):
     """--candidates retrieve:N and recommend without --candidates rerank the encoder's N best items of the whole
     catalogue, the history excluded: checked item by item, not only by the keys of the output."""
@@ -348,6 +356,7 @@ def test_retrieved_candidates_are_the_encoders_top_items_outside_the_history(wor
     assert {x["item_id"] for x in out["recommendations"]} == _encoder_top(world / "runs" / "ev4", [history], 20)[0]
 
 
+@pytest.mark.slow
 def test_eval_reads_a_llara_test_file(world, tmp_path):
     """--test-file: the rows of a LLaRA .df split are scored in place of the dataset's split (read only with
     --trust-pickle); the predictions follow the file's rows and targets."""

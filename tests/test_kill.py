@@ -28,6 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # kills and re-runs commands in subprocesses
+
 LOOPS = int(os.environ.get("ILORA_KILL_LOOPS", "1"))
 RNG = np.random.default_rng(20261128)
 TRAIN = ["--max-steps", "4", "--batch-size", "4", "candidates=6", "checkpoint_every=1", "quiet=true", "--seed", "5"]

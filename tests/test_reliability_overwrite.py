@@ -12,7 +12,7 @@ import pytest
 from ilora_cli.errors import UserError
 from ilora_cli.training.loop import TrainConfig, train
 
-from conftest import run_cli
+from conftest import run_main as run_cli  # in this process: see run_main
 
 FAST = dict(dataset="cyc", batch_size=4, candidates=6, quiet=True, seed=5)
 
@@ -59,6 +59,7 @@ def test_train_overwrite_refuses_a_folder_of_other_things(home):
     assert (project / "notes.txt").read_text() == "keep me\n"
 
 
+@pytest.mark.slow
 def test_train_overwrite_still_replaces_a_run(home):
     first = train(_cfg(home, name="again", max_steps=1))
     (home / "runs" / "again" / "predictions-val-score.jsonl").write_text("{}\n")  # eval writes these into a run
@@ -66,6 +67,7 @@ def test_train_overwrite_still_replaces_a_run(home):
     assert first["steps"] == 1 and second["steps"] == 2 and (home / "runs" / "again" / "ilora.json").is_file()
 
 
+@pytest.mark.slow
 def test_export_overwrite_refuses_a_parent_folder_and_a_file(home, tmp_path):
     """Before: `export --overwrite` onto a parent folder deleted the files beside the copy, and onto a file
     replaced it and left a `.old-PID` temporary."""
@@ -91,6 +93,7 @@ def test_export_overwrite_refuses_a_parent_folder_and_a_file(home, tmp_path):
     assert (out / "ilora.json").is_file() and not [p for p in tmp_path.iterdir() if ".old-" in p.name]
 
 
+@pytest.mark.slow
 def test_every_overwrite_refuses_a_folder_of_other_things(home, tmp_path):
     from ilora_cli.ablation.analysis import AnalysisConfig, gradient_conflict
     from ilora_cli.data.prepare import PrepareConfig, prepare
@@ -148,6 +151,7 @@ def test_an_atomic_write_over_a_file_leaves_no_temporary(tmp_path):
 # -- exports and links -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["logs/evil", "plots", "encoder/extra.json"])
 def test_export_never_follows_a_link_out_of_a_run(home, tmp_path, where):
     """Before: a link planted in the run was followed and its target copied into the export."""
@@ -169,6 +173,7 @@ def test_export_never_follows_a_link_out_of_a_run(home, tmp_path, where):
     assert r.returncode == 2 and "symbolic link" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_overwrite_and_links_through_the_command_line_leave_no_temporaries(home, tmp_path):
     train(_cfg(home, name="cl", max_steps=1))
     afile = tmp_path / "afile"
@@ -181,6 +186,7 @@ def test_overwrite_and_links_through_the_command_line_leave_no_temporaries(home,
 # -- --resume with other settings ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_naming_them(home):
     """Before: --resume with another seed or batch size continued silently, mixing two runs."""
     train(_cfg(home, name="half", max_steps=4, checkpoint_every=1, stop_after=2))
@@ -198,6 +204,7 @@ def test_resume_with_other_settings_is_refused_naming_them(home):
 # -- what a failed first step leaves ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_loss_that_is_not_finite_before_any_checkpoint_leaves_nothing(home):
     """Before: an infinite loss at step 1 left a run directory without a checkpoint, so the same command then
     failed with "already exists" and needed --resume or --overwrite."""

@@ -14,7 +14,7 @@ import pytest
 from ilora_cli.errors import UserError
 from ilora_cli.training.loop import TrainConfig, train
 
-from conftest import run_cli
+from conftest import run_main as run_cli  # in this process: see run_main
 
 FAST = dict(dataset="cyc", batch_size=4, candidates=6, quiet=True, seed=5)
 
@@ -38,6 +38,14 @@ def world(tiny_world, tmp_path_factory):
 def home(world, monkeypatch):
     monkeypatch.setenv("ILORA_HOME", str(world))
     return world
+
+
+@pytest.fixture
+def data(tiny_world, monkeypatch):
+    """The shared tiny world (dataset, encoder, backbone; no run), for tests whose commands are refused before
+    they write anything."""
+    monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    return tiny_world
 
 
 def _strict_json(text: str):
@@ -64,6 +72,7 @@ def _edit_info(run: Path, change) -> None:
 # -- JSON output -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_recommend_json_is_valid_json_when_fusion_weights_are_extreme(home, tmp_path):
     """Before: `recommend --json` printed -Infinity for the scores of a run with extreme (finite) fusion weights."""
     run = _copy_run(home, tmp_path)
@@ -95,24 +104,29 @@ def test_json_text_writes_non_finite_numbers_as_null():
 # -- messages are printed literally ----------------------------------------------------------------------------------
 
 
-def test_messages_keep_their_square_brackets(home, tmp_path):
+def test_messages_keep_their_square_brackets(data):
     """Before: error sentences were read as rich markup, so `[nan]`, `'a[b]'` and `'ilora[wandb]'` vanished."""
-    r = run_cli("ablate", "--dataset", "cyc", "--train-fraction", "nan", "--dry-run", home=home)
+    r = run_cli("ablate", "--dataset", "cyc", "--train-fraction", "nan", "--dry-run", home=data)
     assert r.returncode == 2 and "got [nan]." in r.stderr, r.stderr
-    r = run_cli("train", "--name", "a[b]", home=home)
+    r = run_cli("train", "--name", "a[b]", home=data)
     assert r.returncode == 2 and "'a[b]'" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_candidates_file_is_called_so(home, tmp_path):
+    """Before: "The history file absent.json is missing." for the --candidates file."""
     history = tmp_path / "h.json"
     history.write_text("[1, 2]")
     r = run_cli("recommend", "--run", "s2", "--user-history", str(history), "--candidates", "absent.json", home=home)
     assert r.returncode == 2 and "The candidates file absent.json is missing." in r.stderr, r.stderr
 
 
-def test_the_install_hint_of_a_missing_tracker_names_the_extra(home):
+def test_the_install_hint_of_a_missing_tracker_names_the_extra(data):
     pytest.importorskip("tensorboard")
     if __import__("importlib").util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed: its hint cannot be seen")
-    r = run_cli("train", "--dataset", "cyc", "--backbone", str(home / "tiny-backbone"), "--name", "w",
-                "--report-to", "wandb", "--max-steps", "1", home=home)  # fmt: skip
+    r = run_cli("train", "--dataset", "cyc", "--backbone", str(data / "tiny-backbone"), "--name", "w",
+                "--report-to", "wandb", "--max-steps", "1", home=data)  # fmt: skip
     assert r.returncode == 2 and "pip install 'ilora[wandb]'" in r.stderr, r.stderr
 
 
@@ -144,8 +158,8 @@ def test_text_settings_keep_what_was_written(tmp_path):
     assert a.train["target_modules"] == "yes" and a.train["backbone"] == "007" and a.eval_rows == 2
 
 
-def test_a_run_named_007_is_called_007(home):
-    r = run_cli("train", "--dataset", "cyc", "name=007", "--print-config", home=home)
+def test_a_run_named_007_is_called_007(data):
+    r = run_cli("train", "--dataset", "cyc", "name=007", "--print-config", home=data)
     assert r.returncode == 0 and "name: '007'" in r.stdout, r.stderr
 
 
@@ -154,7 +168,7 @@ def test_a_run_named_007_is_called_007(home):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seeds", [10_000, 250_000], ids=["40,000 cells", "1,000,000 cells"])
-def test_a_huge_grid_is_refused_at_once(home, seeds):
+def test_a_huge_grid_is_refused_at_once(data, seeds):
     """Before: --dry-run expanded and listed every cell of a 40,000- or 1,000,000-cell grid (the command did not
     answer within 120 s)."""
     import time
@@ -169,7 +183,7 @@ def test_a_huge_grid_is_refused_at_once(home, seeds):
     assert time.perf_counter() - t0 < 10  # the count alone: 0.2 s here for a million cells
 
 
-def test_grid_values_that_would_share_a_cell_name_are_refused(home):
+def test_grid_values_that_would_share_a_cell_name_are_refused(data):
     """Before: --train-fraction 0.5,0.5000001 made two cells named users0.5 that shared one run."""
     from ilora_cli.ablation.config import resolve_ablation
 
@@ -178,11 +192,11 @@ def test_grid_values_that_would_share_a_cell_name_are_refused(home):
     assert resolve_ablation(None, {"dataset": "cyc", "train_fraction": "0.5,0.500001"}, None).train_fraction
 
 
-def test_candidates_the_catalogue_cannot_fill_are_refused_by_the_dry_run(home):
+def test_candidates_the_catalogue_cannot_fill_are_refused_by_the_dry_run(data):
     """Before: --dry-run accepted --candidates 100000, which the real run refused only after training the cell."""
-    r = run_cli("ablate", "--dataset", "cyc", "--candidates", "6,100000", "--dry-run", home=home)
+    r = run_cli("ablate", "--dataset", "cyc", "--candidates", "6,100000", "--dry-run", home=data)
     assert r.returncode == 2 and "--candidates 100000 is more than the catalogue can fill" in r.stderr, r.stderr
-    r = run_cli("ablate", "--dataset", "cyc", "--candidates", "6,20", "--dry-run", "--json", home=home)
+    r = run_cli("ablate", "--dataset", "cyc", "--candidates", "6,20", "--dry-run", "--json", home=data)
     assert r.returncode == 0 and len(json.loads(r.stdout)["cells"]) == 2, r.stderr
 
 
@@ -258,6 +272,7 @@ ABLATION_DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(ABLATION_DAMAGE))
 def test_an_ablation_over_damaged_files_finishes_or_says_why(home, grid, tmp_path, damage):
     """Before: every case ended in a traceback (JSONDecodeError, AttributeError, KeyError, SafetensorError),
@@ -273,6 +288,7 @@ def test_an_ablation_over_damaged_files_finishes_or_says_why(home, grid, tmp_pat
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["[1, 2]", '{"dataset": '])
 def test_an_ablation_with_a_damaged_ablation_json_is_refused_in_one_sentence(home, grid, tmp_path, text):
     copy = tmp_path / "grid"
@@ -286,6 +302,7 @@ def test_an_ablation_with_a_damaged_ablation_json_is_refused_in_one_sentence(hom
 # -- gradient-conflict, export, eval: damaged or unwritable places ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gradient_conflict_with_more_clusters_than_distinct_users_is_one_sentence(home, tmp_path):
     """Before: k-means left clusters empty (duplicate user representations) and the analysis ended in an
     AttributeError on their missing gradient."""
@@ -305,6 +322,7 @@ def test_gradient_conflict_with_more_clusters_than_distinct_users_is_one_sentenc
     ],
     ids=["evaluations truncated", "evaluations a list", "validation log damaged", "train log damaged"],
 )
+@pytest.mark.slow
 def test_export_and_eval_of_a_run_with_damaged_logs_or_evaluations(home, tmp_path, damage):
     """Before: export (which writes the card when the run has none) and eval (which rewrites it) ended in
     JSONDecodeError, TypeError or KeyError on the damaged file."""
@@ -349,6 +367,7 @@ def read_only(tmp_path):
         __import__("subprocess").run(["umount", str(target)])
 
 
+@pytest.mark.slow
 def test_export_to_and_eval_of_a_read_only_place_are_one_sentence(home, read_only, tmp_path):
     """Before: export into a read-only folder and eval of a read-only run (predictions written into it) ended in
     OSError tracebacks, the second after the whole evaluation."""
@@ -362,6 +381,7 @@ def test_export_to_and_eval_of_a_read_only_place_are_one_sentence(home, read_onl
     assert r.returncode == 0 and "card of" in r.stderr and (tmp_path / "p.jsonl").is_file(), r.stderr
 
 
+@pytest.mark.slow
 def test_a_truncated_backbone_is_one_sentence_in_train_and_recommend(home, tmp_path):
     """Before: a SafetensorError traceback from transformers."""
     backbone = tmp_path / "backbone"
@@ -382,7 +402,7 @@ def test_a_truncated_backbone_is_one_sentence_in_train_and_recommend(home, tmp_p
 # -- seeds and the Python API ----------------------------------------------------------------------------------------
 
 
-def test_a_seed_of_2_to_the_32_is_one_sentence(home):
+def test_a_seed_of_2_to_the_32_is_one_sentence(data):
     """Before: train with --seed 4294967296 ended in numpy's ValueError from accelerate's set_seed."""
     from ilora_cli.ablation.analysis import AnalysisConfig
     from ilora_cli.ablation.config import resolve_ablation
@@ -397,11 +417,12 @@ def test_a_seed_of_2_to_the_32_is_one_sentence(home):
     for flags in ({"seed": 2**32}, {"seeds": f"1,{2**32}"}):
         with pytest.raises(UserError, match="4294967295"):
             resolve_ablation(None, {"dataset": "cyc", **flags}, None)
-    r = run_cli("train", "--dataset", "cyc", "--backbone", str(home / "tiny-backbone"), "--seed", str(2**32),
-                home=home)  # fmt: skip
+    r = run_cli("train", "--dataset", "cyc", "--backbone", str(data / "tiny-backbone"), "--seed", str(2**32),
+                home=data)  # fmt: skip
     assert r.returncode == 2 and "seed must be" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_the_python_api_answers_wrong_types_with_a_user_error(home, tmp_path):
     """Before: TypeError for a config of another class or histories that are not a list, KeyError for a
     history object without "history", and paths made of whatever was passed (output={} wrote into '{}')."""
@@ -425,11 +446,11 @@ def test_the_python_api_answers_wrong_types_with_a_user_error(home, tmp_path):
     assert not (Path.cwd() / "{}").exists()
 
 
-def test_a_rank_wider_than_the_backbone_is_refused_before_allocating(home):
+def test_a_rank_wider_than_the_backbone_is_refused_before_allocating(data):
     """Before: rank=1000000 allocated 5.6 GB of LoRA weights before failing."""
     import resource
 
     with pytest.raises(UserError, match="rank 1000000 is wider than the backbone's hidden size \\(64\\)"):
-        train(TrainConfig(backbone=str(home / "tiny-backbone"), name="wide", rank=1_000_000, experts=1, **FAST))
+        train(TrainConfig(backbone=str(data / "tiny-backbone"), name="wide", rank=1_000_000, experts=1, **FAST))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 << 20  # KiB: the process never grew to 4 GiB
-    assert not (home / "runs" / "wide").exists()
+    assert not (data / "runs" / "wide").exists()

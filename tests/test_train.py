@@ -18,6 +18,8 @@ from ilora_cli.training.loop import TrainConfig, train, weights_digest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end training, DDP, 4-bit
+
 FAST = dict(dataset="cyc", batch_size=4, candidates=6, checkpoint_every=2, quiet=True, seed=5)
 
 

@@ -6,7 +6,7 @@ ILORA := $(VENV)/bin/ilora
 STAMP := $(VENV)/.ilora-installed
 DEMO_HOME ?= $(CURDIR)/.ilora-demo
 
-.PHONY: demo test lint bench-encoder clean
+.PHONY: demo test test-fast lint bench-encoder clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything but the tests marked slow (kills, DDP, end-to-end training and ablations).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

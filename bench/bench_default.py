@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from common import write_result
+from common import baseline_line, popularity_baseline, write_result
 
 
 def reference_rr(encoder_name: str, predictions: Path) -> tuple[list[int], np.ndarray, dict]:
@@ -137,6 +137,13 @@ def main() -> None:
         for k in ("default", "llm", "encoder")
     }
     print("mean over runs:", json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in means.items()}))
+    from ilora_cli.data.prepared import PreparedDataset
+
+    dataset = PreparedDataset.open(
+        json.loads((resolve_run(args.runs[0]) / "ilora.json").read_text())["dataset"]["name"]
+    )
+    draws, n_rows = rows[0]["draws"], rows[0]["n_users"]
+    print("beside the LLM alone, on the same rows and draws:", baseline_line(dataset, "val", draws, n_rows))
     pooled = None
     if len(rows) > 1:
         if len({tuple(rr["sample_id"]) for rr in rrs}) != 1:
@@ -160,7 +167,8 @@ def main() -> None:
             f"pooled over the runs, per-user MRR: fused − encoder {fused['mean_difference']:+.4f} "
             f"(p = {fused['p_value']:.3f}), LLM − encoder {llm['mean_difference']:+.4f} (p = {llm['p_value']:.2g})"
         )
-    write_result(args.out, {"runs": list(rows), "mean_over_runs": means, "pooled": pooled})
+    popularity = popularity_baseline(dataset, "val", draws, n_rows)
+    write_result(args.out, {"runs": list(rows), "mean_over_runs": means, "pooled": pooled, "popularity": popularity})
 
 
 if __name__ == "__main__":

@@ -51,14 +51,17 @@ def naive_scores(run, histories, candidates) -> np.ndarray:
     return np.stack(out)
 
 
-def timed(fn, repeats=3):
-    times = []
-    result = None
+def timed_alternately(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
+    """Median seconds of each function over ``repeats`` calls, the functions called in turn in every round so
+    that every path gets the same number of repeats and machine noise falls on all alike; and the last results."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results = {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), result
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}, results
 
 
 def main() -> None:
@@ -88,13 +91,21 @@ def main() -> None:
     hist = val.histories()[:n]
     cands = val.candidates[:n, 0]
 
-    t_score, (fast, _) = timed(lambda: score_candidates(run, hist, cands, batch_size=8), args.repeats)
-    t_naive, slow = timed(lambda: naive_scores(run, hist, cands), 1)
-    t_gen, _ = timed(lambda: generate_answers(run, hist, cands, batch_size=8), args.repeats)
+    median, results = timed_alternately(
+        {
+            "score": lambda: score_candidates(run, hist, cands, batch_size=8),
+            "naive": lambda: naive_scores(run, hist, cands),
+            "generate": lambda: generate_answers(run, hist, cands, batch_size=8),
+        },
+        args.repeats,
+    )
+    t_score, t_naive, t_gen = median["score"], median["naive"], median["generate"]
+    fast, slow = results["score"][0], results["naive"]
     doc = {
         "run": path,
         "users": n,
         "candidates": int(cands.shape[1]),
+        "repeats": args.repeats,  # of every path, alternated; medians
         "score_seconds": t_score,
         "naive_seconds": t_naive,
         "generate_seconds": t_gen,

@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from common import RESULTS, ensure_dataset, ensure_encoder, machine
+from common import RESULTS, baseline_line, ensure_dataset, ensure_encoder, machine, popularity_baseline
 
 COMPACT_KD = {"templates": "compact", "distill_weight": 1.0}
 SUITES: dict[str, dict[str, dict]] = {
@@ -263,6 +263,13 @@ def main() -> None:
             if pending:
                 print(f"deadline reached: {len(pending)} runs not started", flush=True)
     print_table(summarise(doc["runs"]))
+    from ilora_cli.data.prepared import PreparedDataset
+
+    ds = PreparedDataset.open(dataset)
+    draws, rows = extra.get("validate_draws"), extra.get("validate_rows")
+    print(f"{'baselines (same val rows)':<32}{baseline_line(ds, 'val', draws, rows)}")
+    doc["popularity"] = popularity_baseline(ds, "val", draws, rows)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -52,8 +52,9 @@ def ensure_dataset(name: str) -> bool:
 
 
 def normalisation_metrics(predictions: Path, builder) -> dict:
-    """Ranking metrics (mean ± std over draws) of a score-mode predictions file with the stored sum scores
-    and with the same scores divided by each title's token count (mean normalisation)."""
+    """Ranking metrics (mean ± std over draws) of a score-mode predictions file with the LLM's stored sum scores
+    (``llm_scores``: the language model alone, also where the run's default ranking is fused) and with the same
+    scores divided by each title's token count (mean normalisation)."""
     import numpy as np
 
     from ilora_cli import metrics
@@ -64,7 +65,7 @@ def normalisation_metrics(predictions: Path, builder) -> dict:
         per_draw = []
         for d in sorted({x["draw"] for x in lines}):
             rows = [x for x in lines if x["draw"] == d]
-            s = np.array([x["scores"] for x in rows])
+            s = np.array([x.get("llm_scores", x["scores"]) for x in rows])
             if mode == "mean":
                 s = s / np.array([[len(builder.answer_ids(c)) for c in x["candidates"]] for x in rows])
             cols = np.array([x["candidates"].index(x["target"]) for x in rows])
@@ -90,3 +91,59 @@ def ensure_encoder(dataset: str) -> None:
 
     if not (encoder_dir(f"{dataset}-sasrec") / "encoder.json").is_file():
         encode(EncodeConfig(dataset=dataset, quiet=True))
+
+
+def popularity_baseline(dataset, split: str = "val", draws: int | None = None, rows: int | None = None) -> dict:
+    """The stored candidates of ``split`` ranked by how often each item is the next item of a training row.
+
+    Two readings of the same ranking, each mean ± std over the stored draws: ``pessimistic`` ranks a target
+    behind every candidate of equal popularity, as every ranking of this tool is measured (``metrics``);
+    ``random_ties`` is the expected value when ties are broken at random (many candidates of a large catalogue
+    share a count). The LLM-alone numbers are quoted beside both: a ranking of the LLM that does not beat this
+    has learned popularity at most.
+    """
+    import numpy as np
+
+    from ilora_cli import metrics
+
+    popularity = np.bincount(dataset.split("train").next, minlength=dataset.n_items).astype(np.float64)  # (N,)
+    data = dataset.split(split)
+    n = min(rows, len(data)) if rows else len(data)  # the first rows, as validate_rows and max_samples take them
+    cands = (data.candidates[:, :draws] if draws else data.candidates)[:n]  # (R, D, C)
+    targets = data.next[:n]  # (R,)
+    pessimistic, random_ties = [], []
+    for d in range(cands.shape[1]):
+        scores = popularity[cands[:, d]]  # (R, C)
+        target = (cands[:, d] == targets[:, None]).argmax(axis=1)  # (R,)
+        pessimistic.append(metrics.ranking_metrics(metrics.rank_of_target(scores, target)))
+        own = scores[np.arange(len(target)), target][:, None]  # (R, 1)
+        ahead = (scores > own).sum(axis=1)  # (R,) strictly more popular
+        tied = (scores == own).sum(axis=1)  # (R,) the target and its ties: it lands at ahead + j, j < tied
+        hr1 = np.where(ahead == 0, 1.0 / tied, 0.0)
+        mrr = np.array([np.mean(1.0 / (a + 1 + np.arange(t))) for a, t in zip(ahead, tied)])
+        random_ties.append({"hr@1": float(hr1.mean()), "mrr": float(mrr.mean())})
+    agg = metrics.aggregate(pessimistic)
+    return {
+        "split": split,
+        "rows": n,
+        "draws": int(cands.shape[1]),
+        "candidates": int(cands.shape[2]),
+        "pessimistic": {m: agg[m] for m in ("hr@1", "hr@5", "ndcg@5", "mrr")},
+        "random_ties": metrics.aggregate(random_ties),
+    }
+
+
+def random_baseline(n_candidates: int) -> dict:
+    """The expected HR@1 and MRR of a random order of ``n_candidates``: 1/C and (1/C) Σ_k 1/k."""
+    return {"hr@1": 1.0 / n_candidates, "mrr": sum(1.0 / k for k in range(1, n_candidates + 1)) / n_candidates}
+
+
+def baseline_line(dataset, split: str = "val", draws: int | None = None, rows: int | None = None) -> str:
+    """``popularity 0.072 / 0.183 (ties at random 0.074 / 0.189); random 0.050 / 0.180`` for a results table."""
+    pop = popularity_baseline(dataset, split, draws, rows)
+    p, r = pop["pessimistic"], pop["random_ties"]
+    rnd = random_baseline(pop["candidates"])
+    return (
+        f"popularity {p['hr@1']['mean']:.3f} / {p['mrr']['mean']:.3f} (ties at random {r['hr@1']['mean']:.3f} / "
+        f"{r['mrr']['mean']:.3f}); random {rnd['hr@1']:.3f} / {rnd['mrr']:.3f}  (HR@1 / MRR)"
+    )

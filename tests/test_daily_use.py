@@ -69,6 +69,7 @@ def test_our_schedule_is_not_transformers_cosine_with_min_lr_so_it_stays():
     np.testing.assert_allclose(seq_ours[4:], seq_theirs[4:], rtol=1e-12)  # identical cosine after warm-up
 
 
+@pytest.mark.slow
 def test_training_writes_pictures_and_keeps_the_best_checkpoint(world):
     r = train(_cfg(world, name="pics", max_steps=4, experts=2, validate_every=2, keep_best=True))
     run_dir = world / "runs" / "pics"
@@ -90,20 +91,28 @@ def test_training_writes_pictures_and_keeps_the_best_checkpoint(world):
     assert [p.name for p in best] == [f"step-{best_step:06d}"]
 
 
-def test_keep_best_loads_the_best_weights_into_the_run(world):
-    """The validation MRR alone decides: a run whose best step is not the last ends with that step's weights."""
+@pytest.mark.slow
+@pytest.mark.parametrize("settings,best", [({"fusion_lr": 1.0}, 1), ({"lr": 0.5, "fusion_lr": 1.0}, 3)])
+def test_keep_best_loads_the_best_weights_into_the_run(world, settings, best):
+    """The validation MRR alone decides which weights the run ends with: here step 1's (a fast fusion rate makes
+    the ranking worse by step 3), there step 3's. Each case first checks its premise: the MRR of the kept step
+    is strictly the better one, so "keep the first" or "keep the last" fails one of them."""
     from safetensors.torch import load_file
 
     from ilora_cli.training.loop import Trainer
 
-    trainer = Trainer(_cfg(world, name="best2", max_steps=3, experts=2, validate_at=[1], keep_best=True))
+    name = f"best-{best}"
+    trainer = Trainer(_cfg(world, name=name, max_steps=3, experts=2, validate_at=[1], keep_best=True, **settings))
     trainer.run()
-    kept = trainer.kept
-    assert kept["last_step"] == 3 and kept["step"] in (1, 3)
-    ck = load_file(trainer.best()["path"] / "trainable.safetensors")
+    val = [json.loads(x) for x in (world / "runs" / name / "logs" / "validation.jsonl").read_text().splitlines()]
+    mrr = {v["step"]: v["val"]["fused"]["mrr"] for v in val}
+    assert sorted(mrr) == [1, 3] and mrr[best] > mrr[4 - best]  # the premise
+    assert trainer.kept == {"step": best, "val_mrr": mrr[best], "ranking": "fused", "last_step": 3}
     params = dict(trainer.unwrapped.named_parameters())
-    for name, value in ck.items():
-        assert torch.equal(params[name].detach().cpu(), value), name
+    kept = load_file(trainer.best()["path"] / "trainable.safetensors")
+    last = load_file(world / "runs" / name / "checkpoints" / "step-000003" / "trainable.safetensors")
+    assert all(torch.equal(params[n].detach().cpu(), v) for n, v in kept.items())
+    assert (best == 3) == all(torch.equal(params[n].detach().cpu(), v) for n, v in last.items())
 
 
 def test_keep_best_needs_validation(world):
@@ -113,6 +122,7 @@ def test_keep_best_needs_validation(world):
         _cfg(world, keep_best=True).validate()
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_writes_event_files(world):
     pytest.importorskip("tensorboard")
     train(_cfg(world, name="tb", max_steps=2, experts=2, report_to="tensorboard", validate_at=[2]))

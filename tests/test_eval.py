@@ -21,7 +21,7 @@ from ilora_cli.llm.prompt import PromptBuilder, add_placeholder_tokens
 from ilora_cli.training.loop import TrainConfig, train
 from ilora_cli.training.run import LoadedRun
 
-from conftest import run_cli
+from conftest import run_main as run_cli  # in this process: see run_main
 from tiny import tiny_llama, word_tokenizer
 
 
@@ -86,6 +86,7 @@ def test_match_answer_rule():
     assert match_answer("nothing here", titles) is None
 
 
+@pytest.mark.slow
 def test_eval_score_mode_aggregates_over_draws(world, tmp_path):
     pred = tmp_path / "p.jsonl"
     res = evaluate(EvalConfig(runs=["ev4"], predictions=pred, quiet=True))
@@ -121,6 +122,7 @@ def test_eval_score_mode_aggregates_over_draws(world, tmp_path):
         assert got["mrr"]["mean"] == pytest.approx(metrics.aggregate(per_draw)["mrr"]["mean"], abs=1e-4), field
 
 
+@pytest.mark.slow
 def test_eval_side_by_side_generate_and_retrieve(world):
     res = evaluate(EvalConfig(runs=["ev4", "ev1"], encoder=True, quiet=True, max_samples=3))
     assert set(res["results"]) == {"ev4", "ev1", "encoder"} and res["n_rows"] == 3
@@ -130,12 +132,13 @@ def test_eval_side_by_side_generate_and_retrieve(world):
     assert ret["protocol"].startswith("full ranking") and {"hr@1", "hr@5", "ndcg@5"} <= set(ret["metrics"])
 
 
+@pytest.mark.slow
 def test_cli_eval_json_and_errors(world):
     r = run_cli("eval", "--run", "ev4", "--max-samples", "2", "--json", "quiet=true", home=world)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["mode"] == "score" and {"mean", "std"} <= set(doc["metrics"]["hr@1"])
-    assert "sampled, 6 candidates" in r.stderr.replace("\n", " ") or "sampled" in r.stderr
+    assert "(sampled, 6 candidates; mean ± std over draws)" in r.stderr  # the protocol, in the table's title
     for args, msg in (
         (["--run", "nope"], "not a finished"),
         (["--run", "ev4", "--mode", "x"], "Unknown mode"),
@@ -160,6 +163,7 @@ def test_item_resolver():
         res(1.5)
 
 
+@pytest.mark.slow
 def test_cli_recommend_single_batch_and_bad_input(world, tmp_path):
     h = tmp_path / "h.json"
     h.write_text(json.dumps([0, "Item B1", "item c2"]))
@@ -210,6 +214,7 @@ def test_cli_recommend_single_batch_and_bad_input(world, tmp_path):
     assert r.returncode == 2 and "backbone" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_a_run_trained_on_mean_scores_is_evaluated_on_mean_scores(world, tmp_path):
     from ilora_cli.training.run import load_run
 
@@ -243,3 +248,132 @@ def test_a_run_trained_on_mean_scores_is_evaluated_on_mean_scores(world, tmp_pat
     for mean_line, sum_line in zip(preds[None], preds["sum"]):
         lengths = np.array([len(builder.answer_ids(c)) for c in sum_line["candidates"]])
         np.testing.assert_allclose(mean_line["llm_scores"], np.array(sum_line["llm_scores"]) / lengths, atol=1e-4)
+
+
+# -- the default ranking is the one recorded in the run ---------------------------------------------------------------
+
+
+def _with_fusion(world, tmp_path, name: str, fusion) -> str:
+    run = tmp_path / name
+    shutil.copytree(world / "runs" / "ev4", run)
+    info = json.loads((run / "ilora.json").read_text())
+    info["fusion"] = fusion
+    (run / "ilora.json").write_text(json.dumps(info))
+    return str(run)
+
+
+@pytest.mark.slow
+def test_the_fusion_weights_decide_the_order_in_recommend_and_eval(world, tmp_path):
+    """After two training steps the learned LLM weight is about 0, so a recommend or eval that ignored the LLM
+    would pass a check of the formula alone. Here the weights are set so that one side decides alone: the
+    order (and the metrics) must follow that side, and the two orders differ."""
+    from ilora_cli.api import recommend
+
+    llm_run = _with_fusion(world, tmp_path, "llm-decides", {"llm": 1.0, "encoder": 0.0})
+    enc_run = _with_fusion(world, tmp_path, "encoder-decides", {"llm": 0.0, "encoder": 1.0})
+    cands = tmp_path / "c.json"
+    cands.write_text(json.dumps(list(range(10, 20))))
+    differs = 0
+    for history in ([0, 1, 2], [5, 6, 7, 8], [20, 21, 22], [25, 26, 27, 28, 29]):
+        by_llm = recommend(llm_run, [history], top_k=10, candidates=str(cands))[0]
+        by_enc = recommend(enc_run, [history], top_k=10, candidates=str(cands))[0]
+        for out, key in ((by_llm, "llm_score"), (by_enc, "encoder_score")):
+            scores = [x[key] for x in out["recommendations"]]
+            assert scores == sorted(scores, reverse=True) and out["ranking"] == "fused"
+        differs += [x["item_id"] for x in by_llm["recommendations"]] != [
+            x["item_id"] for x in by_enc["recommendations"]
+        ]
+    assert differs >= 2  # the test can tell one order from the other
+    results = {
+        name: evaluate(EvalConfig(runs=[run], draws=1, predictions=tmp_path / f"{name}.jsonl", quiet=True))
+        for name, run in (("llm", llm_run), ("encoder", enc_run))
+    }
+    by_llm = results["llm"]["results"]["llm-decides"]
+    by_enc = results["encoder"]["results"]["encoder-decides"]
+    assert by_llm["metrics"] == by_llm["llm"]["metrics"]  # the default ranking is the LLM's here ...
+    assert by_enc["metrics"] == results["encoder"]["results"]["encoder"]["metrics"]  # ... and the encoder's here
+    assert by_llm["metrics"]["mrr"]["mean"] != by_enc["metrics"]["mrr"]["mean"]
+    for name, field in (("llm", "llm_scores"), ("encoder", "encoder_scores")):
+        for line in map(json.loads, (tmp_path / f"{name}.jsonl").read_text().splitlines()):
+            assert line["prediction"] == line["candidates"][int(np.argmax(line[field]))]
+
+
+@pytest.mark.slow
+def test_a_run_without_fusion_is_evaluated_and_recommended_by_the_llm_alone(world, tmp_path):
+    from ilora_cli.api import recommend
+
+    train(
+        TrainConfig(dataset="cyc", backbone=str(world / "tiny-backbone"), name="ev-none", fusion="none",
+                    max_steps=2, batch_size=4, candidates=6, quiet=True)
+    )  # fmt: skip
+    assert json.loads((world / "runs" / "ev-none" / "ilora.json").read_text())["fusion"] is None
+    pred = tmp_path / "none.jsonl"
+    res = evaluate(EvalConfig(runs=["ev-none"], draws=1, max_samples=6, predictions=pred, quiet=True))
+    run = res["results"]["ev-none"]
+    assert run["ranking"] == "llm" and run["fusion"] is None and "llm" not in run
+    for line in map(json.loads, pred.read_text().splitlines()):
+        assert line["scores"] == line["llm_scores"]
+    out = recommend("ev-none", [[0, 1, 2]], top_k=5)[0]
+    assert out["ranking"] == "llm" and out["fusion"] is None
+    assert all(x["score"] == x["llm_score"] for x in out["recommendations"])
+
+
+def _encoder_top(run_dir, histories: list[list[int]], n: int) -> list[set[int]]:
+    """Each history's n best items by the run's encoder copy, computed here from its full score table."""
+    from ilora_cli.encoders.io import load_encoder
+
+    encoder, info = load_encoder(run_dir / "encoder")
+    pad = int(info["n_items"])
+    width = max(len(h) for h in histories)
+    seq = torch.tensor([h + [pad] * (width - len(h)) for h in histories])
+    with torch.no_grad():
+        scores = encoder.score_all(seq, torch.tensor([len(h) for h in histories])).numpy()  # (N, n_items)
+    out = []
+    for row, history in zip(scores, histories):
+        row = row.copy()
+        row[history] = -np.inf
+        out.append(set(np.argsort(-row, kind="stable")[:n].tolist()))
+    return out
+
+
+@pytest.mark.slow
+def test_retrieved_candidates_are_the_encoders_top_items_outside_the_history(world, tmp_path):
+    """--candidates retrieve:N and recommend without --candidates rerank the encoder's N best items of the whole
+    catalogue, the history excluded: checked item by item, not only by the keys of the output."""
+    from ilora_cli.api import recommend
+    from ilora_cli.data.prepared import PreparedDataset
+
+    pred = tmp_path / "r.jsonl"
+    evaluate(EvalConfig(runs=["ev4"], candidates="retrieve:5", predictions=pred, quiet=True))
+    lines = [json.loads(x) for x in pred.read_text().splitlines()]
+    histories = PreparedDataset.open("cyc").split("val").histories()
+    assert len(lines) == len(histories) == 4
+    for line, history, top in zip(lines, histories, _encoder_top(world / "runs" / "ev4", histories, 5)):
+        assert set(line["candidates"]) == top and not set(line["candidates"]) & set(history)
+    history = [3, 4, 5, 6]
+    out = recommend("ev4", [history], top_k=20)[0]
+    assert out["candidates"] == "encoder top-20"
+    assert {x["item_id"] for x in out["recommendations"]} == _encoder_top(world / "runs" / "ev4", [history], 20)[0]
+
+
+@pytest.mark.slow
+def test_eval_reads_a_llara_test_file(world, tmp_path):
+    """--test-file: the rows of a LLaRA .df split are scored in place of the dataset's split (read only with
+    --trust-pickle); the predictions follow the file's rows and targets."""
+    import pandas as pd
+
+    from ilora_cli.data.prepared import PreparedDataset
+
+    val = PreparedDataset.open("cyc").split("val")
+    rows = [{"seq": s.tolist(), "len_seq": int(n), "next": int(t)} for s, n, t in zip(val.seq, val.len_seq, val.next)]
+    rows.reverse()  # another order than the dataset's: the file decides
+    test_file = tmp_path / "Test_data.df"
+    pd.DataFrame(rows).to_pickle(test_file)
+    r = run_cli("eval", "--run", "ev4", "--test-file", str(test_file), home=world)
+    assert r.returncode == 2 and "--trust-pickle" in r.stderr
+    pred = tmp_path / "t.jsonl"
+    res = evaluate(EvalConfig(runs=["ev4"], test_file=test_file, trust_pickle=True, predictions=pred, quiet=True))
+    assert res["split"] == "test-file" and res["n_rows"] == len(rows) == 4 and res["draws"] == 2
+    lines = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert [x["target"] for x in lines if x["draw"] == 0] == [r["next"] for r in rows]
+    assert all(x["target"] in x["candidates"] and len(x["candidates"]) == 6 for x in lines)

@@ -191,3 +191,95 @@ def test_gating_never_depends_on_the_batch():
     sub = builder.batch([[0, 1, 2]], [[3, 4, 5]], [3], pad_id=N_ITEMS)
     _, g_one = model(sub)
     torch.testing.assert_close(g_all[0], g_one[0])
+
+
+def _reference_for_gate(model, gate: torch.Tensor):
+    """The model's LoRA with one fixed gate applied in the weights, layer by layer: each expert's rows of every
+    ``lora_A`` scaled by K·g_k (the fused form z ⊙ K·g written into A), and the gate hooks taken off. An
+    independent path to the same function, against which hooked generation is compared."""
+    import copy
+
+    ref = copy.deepcopy(model.llm)
+    k, rank = model.config.experts, model.config.rank
+    scale = (gate.float() * k).repeat_interleave(rank // k)  # (r,)
+    with torch.no_grad():
+        for lora_a in lora_a_modules(ref).values():
+            lora_a._forward_hooks.clear()
+            lora_a.weight.mul_(scale[:, None].to(lora_a.weight.dtype))  # (r, d_in)
+    return ref.eval()
+
+
+def _greedy(ref, embeds: torch.Tensor, steps: int, eos: int) -> list[int]:
+    """Greedy decoding by full forwards (no cache, no generate): the argmax token, appended, until the end token."""
+    out = []
+    e = embeds[None]  # (1, T, H)
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(ref(inputs_embeds=e).logits[0, -1].argmax())
+            out.append(token)
+            if token == eos:
+                break
+            e = torch.cat([e, ref.get_input_embeddings()(torch.tensor([[token]]))], dim=1)  # (1, T+1, H)
+    return out
+
+
+def test_generate_mode_applies_each_rows_gate_in_greedy_and_beam_search():
+    """Generation runs inside ``gated(...)``: each row's LoRA mixture follows its own gate, repeated per beam.
+    Without the gates (or with the beams' gates mixed up), the outputs differ from the per-gate reference."""
+    from ilora_cli.evaluation.llm import generate_answers
+    from ilora_cli.training.run import LoadedRun
+
+    model, builder = _setup(experts=2, rank=4, seed=3)
+    with torch.no_grad():  # the LoRA's effect must be large enough to change which tokens win
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(8.0)
+    run = LoadedRun(model, builder.tokenizer, builder, {"dataset": {"pad_id": N_ITEMS, "max_history": 10}}, TITLES)
+    histories, cands = [[0, 1, 2], [5, 6, 7]], torch.tensor([[3, 4, 5, 6], [8, 9, 10, 11]]).numpy()
+    prefix = builder.batch(histories, cands.tolist(), None, None, N_ITEMS, 10, padding_side="left")
+    assert bool(prefix.attention_mask.all())  # same lengths: no padding, so the reference needs none
+    steps = max(len(builder.answer_ids(int(i))) for i in cands.flatten()) + 2
+
+    def set_gate(bias: list[float], weight_from: torch.Tensor | None = None) -> torch.Tensor:
+        """Gates from the user gate's own weights: a fixed gate (weight 0, bias), or one per user."""
+        with torch.no_grad():
+            model.gate.net.weight.zero_()
+            if weight_from is not None:
+                model.gate.net.weight.copy_(weight_from)
+            model.gate.net.bias.copy_(torch.tensor(bias))
+            return model.gates(prefix, model.embed(prefix))  # (B, K)
+
+    texts = {}
+    for name, bias in (("expert 0", [9.0, -9.0]), ("expert 1", [-9.0, 9.0])):
+        gates = set_gate(bias)
+        for beams in (1, 2):
+            texts[name, beams], got = generate_answers(run, histories, cands, batch_size=2, num_beams=beams)
+            assert torch.allclose(torch.from_numpy(got), gates)
+        embeds = model.embed(prefix).detach()
+        for row in range(2):
+            ref = _reference_for_gate(model, gates[row])
+            greedy = _greedy(ref, embeds[row], steps, builder.eos_id)
+            assert texts[name, 1][row] == builder.tokenizer.decode(greedy, skip_special_tokens=True), (name, row)
+            beam = ref.generate(
+                inputs_embeds=embeds[row : row + 1], attention_mask=prefix.attention_mask[row : row + 1],
+                max_new_tokens=steps, do_sample=False, num_beams=2, eos_token_id=builder.eos_id,
+                pad_token_id=builder.pad_id,
+            )  # fmt: skip
+            assert texts[name, 2][row] == builder.tokenizer.decode(beam[0], skip_special_tokens=True), (name, row)
+    # the same prompts under the two gates: the gates decide what is generated
+    assert texts["expert 0", 1] != texts["expert 1", 1] and texts["expert 0", 2] != texts["expert 1", 2]
+    # one batch whose two rows have different gates, through beams: each row keeps its own gate
+    users = model.user_representation(prefix)  # (2, d)
+    direction = (users[0] - users[1]) / (users[0] - users[1]).norm()
+    gates = set_gate([0.0, 0.0], weight_from=torch.stack([direction, -direction]) * 50)
+    assert gates[0, 0] > 0.9 and gates[1, 1] > 0.9
+    mixed, _ = generate_answers(run, histories, cands, batch_size=2, num_beams=2)
+    embeds = model.embed(prefix).detach()
+    for row in range(2):
+        ref = _reference_for_gate(model, gates[row])
+        beam = ref.generate(
+            inputs_embeds=embeds[row : row + 1], attention_mask=prefix.attention_mask[row : row + 1],
+            max_new_tokens=steps, do_sample=False, num_beams=2, eos_token_id=builder.eos_id,
+            pad_token_id=builder.pad_id,
+        )  # fmt: skip
+        assert mixed[row] == builder.tokenizer.decode(beam[0], skip_special_tokens=True), row

@@ -5,6 +5,10 @@ dataset or encoder); a re-run (``--resume`` for training) succeeds; and the fina
 uninterrupted run: the dataset checksum, the encoder's tensors, the run's weights digest. Also: the same
 seed and inputs give identical metrics and weights on CPU (determinism).
 
+Each random kill lands in the command's work: after the line it prints once its imports and setup are done, at a
+seeded delay within the time an uninterrupted run's work took. A run that finishes before its kill does not count
+(it is started again), and each test asserts that its kills interrupted the command.
+
 By default each command is killed once; ILORA_KILL_LOOPS=N kills each N times (the long loop).
 """
 
@@ -15,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,13 +28,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # kills and re-runs commands in subprocesses
+
 LOOPS = int(os.environ.get("ILORA_KILL_LOOPS", "1"))
 RNG = np.random.default_rng(20261128)
 TRAIN = ["--max-steps", "4", "--batch-size", "4", "candidates=6", "checkpoint_every=1", "quiet=true", "--seed", "5"]
 
 
 def _start(args: list[str], home: Path) -> subprocess.Popen:
-    env = dict(os.environ, ILORA_HOME=str(home), TOKENIZERS_PARALLELISM="false")
+    # progress lines at once (ILORA_PROGRESS_SECONDS=0): they tell when a command's work has started
+    env = dict(os.environ, ILORA_HOME=str(home), TOKENIZERS_PARALLELISM="false", ILORA_PROGRESS_SECONDS="0")
     return subprocess.Popen(
         [sys.executable, "-m", "ilora_cli.cli", *args],
         stdout=subprocess.PIPE,
@@ -46,18 +54,61 @@ def _run(args: list[str], home: Path) -> dict:
     return json.loads(out)
 
 
-def _kill_at_random(args: list[str], home: Path, window: tuple[float, float]) -> float:
-    """Start the command, SIGKILL it after a random delay within ``window`` seconds; returns the delay."""
-    delay = float(RNG.uniform(*window))
-    proc = _start(args, home)
-    try:
-        proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
+def _timed_run(args: list[str], home: Path, marker: str) -> tuple[dict, float]:
+    """Run the command to its end; its JSON document and the seconds of work (from ``marker`` on stderr, the
+    first line a command prints once its imports and setup are done, to its exit)."""
+    proc = _start([*args, "--json"], home)
+    started = _watch(proc, marker)
+    started.wait(timeout=600)
+    t0 = time.perf_counter()
+    out = proc.stdout.read()
+    proc.wait(timeout=600)
+    assert proc.returncode == 0 and started.is_set(), started.lines
+    return json.loads(out), time.perf_counter() - t0
+
+
+def _watch(proc: subprocess.Popen, marker: str) -> threading.Event:
+    """An event set when a line starting with ``marker`` appears on the process's stderr (or when stderr ends,
+    so that nothing waits forever); a thread keeps reading stderr, so the process never blocks on it."""
+    seen = threading.Event()
+    seen.lines = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            seen.lines.append(line)
+            if line.startswith(marker):
+                seen.marker = True
+                seen.set()
+        seen.set()
+
+    seen.marker = False
+    threading.Thread(target=read, daemon=True).start()
+    return seen
+
+
+def _kill_at_random(args: list[str], home: Path, marker: str, work: float, tries: int = 6) -> float:
+    """SIGKILL the command at a random moment of its work: after ``marker`` appears on stderr (imports and setup
+    done), a seeded delay within the ``work`` seconds an uninterrupted run took. A run that finishes before its
+    kill does not count: the command is started again, up to ``tries`` times. Returns the delay of the kill
+    that interrupted the work, after asserting that one did."""
+    for _ in range(tries):
+        delay = float(RNG.uniform(0.05, 0.95) * work)
+        proc = _start(args, home)
+        started = _watch(proc, marker)
+        started.wait(timeout=600)
+        killed = False
+        if started.marker:
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                killed = True
         proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
-    return delay
+        proc.stdout.close()
+        if killed:
+            assert proc.returncode == -signal.SIGKILL  # killed in its work, not finished
+            return delay
+    raise AssertionError(f"no kill interrupted {args[0]} in {tries} tries (its work takes {work:.1f} s)")
 
 
 def _kill_during_write(args: list[str], home: Path, folder: Path, prefix: str, tries: int = 8) -> bool:
@@ -101,12 +152,13 @@ def test_prepare_killed_at_random_moments(home):
     from ilora_cli.data.prepared import PreparedDataset
 
     args = ["prepare", "--dataset", "k", "synthetic_users=300", "--overwrite"]
-    want = _run(args, home)["checksum"]
+    doc, work = _timed_run(args, home, "prepare: reading")
+    want = doc["checksum"]
     target = home / "datasets" / "k"
     assert _kill_during_write(args, home, home / "datasets", ".k.tmp-")
     for attempt in range(LOOPS + 1):
         if attempt:
-            _kill_at_random(args, home, (1.0, 8.0))
+            _kill_at_random(args, home, "prepare: reading", work)
         if target.exists():  # complete and verified, never half-written
             ds = PreparedDataset.open(target)
             assert ds.checksum == want and len(ds.split("val")) == ds.meta["splits"]["val"]
@@ -118,14 +170,28 @@ def test_encode_killed_at_random_moments(home, monkeypatch):
     from ilora_cli.encoders.io import load_encoder
     from ilora_cli.encoders.train import EncodeConfig, encode
 
-    args = ["encode", "--dataset", "cyc", "--name", "k", "hidden_size=16", "--epochs", "3", "--overwrite"]
+    # 20 epochs without early stopping: a few seconds of work to interrupt (3 epochs took 0.5 s)
+    args = [
+        "encode",
+        "--dataset",
+        "cyc",
+        "--name",
+        "k",
+        "hidden_size=16",
+        "--epochs",
+        "20",
+        "patience=0",
+        "--overwrite",
+    ]
     monkeypatch.setenv("ILORA_HOME", str(home))
-    first = encode(EncodeConfig(dataset="cyc", name="k", hidden_size=16, epochs=3, quiet=True))  # in this process
+    t0 = time.perf_counter()
+    first = encode(EncodeConfig(dataset="cyc", name="k", hidden_size=16, epochs=20, patience=0, quiet=True))
+    work = time.perf_counter() - t0  # in this process: the work alone
     want = load_file(str(home / "encoders" / "k" / "encoder.safetensors"))
     assert _kill_during_write(args, home, home / "encoders", ".k.tmp-")
     for attempt in range(LOOPS + 1):
         if attempt:
-            _kill_at_random(args, home, (1.0, 8.0))
+            _kill_at_random(args, home, "encode sasrec", work)
         if (home / "encoders" / "k").exists():
             model, _ = load_encoder(home / "encoders" / "k")
             assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
@@ -144,12 +210,14 @@ def test_train_killed_at_random_moments_resumes_to_the_same_weights(home, tiny_w
     base = ["train", "--dataset", "cyc", "--backbone", str(tiny_world / "tiny-backbone"), *TRAIN]
     monkeypatch.setenv("ILORA_HOME", str(home))
     whole = dict(name="whole", max_steps=4, batch_size=4, candidates=6, checkpoint_every=1, quiet=True, seed=5)
+    t0 = time.perf_counter()
     want = train(TrainConfig(dataset="cyc", backbone=str(tiny_world / "tiny-backbone"), **whole))["weights_sha256"]
+    work = time.perf_counter() - t0  # setup included: a little longer than the work after the "Run ..." line
     run = home / "runs" / "k"
     args = [*base, "--name", "k"]
     assert _kill_during_write(args, home, run / "checkpoints", ".step-000002.tmp-")
     for i in range(LOOPS + 1):
-        delay = _kill_at_random([*args, "--overwrite"], home, (2.0, 14.0)) if i else 0.0
+        delay = _kill_at_random([*args, "--overwrite"], home, "Run ", work) if i else 0.0
         for ck in list_checkpoints(run / "checkpoints"):
             load_checkpoint(ck)  # every checkpoint on disk is intact (raises DamagedCheckpoint otherwise)
         if (run / "manifest.json").exists():

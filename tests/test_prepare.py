@@ -159,7 +159,7 @@ def test_existing_output_is_refused_then_overwritten_atomically(ilora_home):
 
 def test_empty_and_too_small_datasets(ilora_home):
     with pytest.raises(UserError, match="no training samples"):
-        prepare(PrepareConfig(dataset="s", synthetic_users=3, min_history=50))
+        prepare(PrepareConfig(dataset="s", synthetic_users=10, min_history=50))
     src = cycle_source(n_items=12, n_users=20)
     with pytest.raises(UserError, match="too few"):
         write_prepared(src, "t", ilora_home / "t", n_candidates=20)

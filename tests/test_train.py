@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 
 from ilora_cli.errors import UserError
 from ilora_cli.training.checkpoint import list_checkpoints
-from ilora_cli.training.loop import TrainConfig, train
+from ilora_cli.training.loop import TrainConfig, train, weights_digest
 
 from conftest import run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end training, DDP, 4-bit
 
 FAST = dict(dataset="cyc", batch_size=4, candidates=6, checkpoint_every=2, quiet=True, seed=5)
 
@@ -280,3 +282,40 @@ def test_4bit_backbone_forward_and_backward_on_cpu(world):
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None for p in model.trainable_parameters()["lora"])
+
+
+def _trained_weights(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_equals_the_larger_batch_and_resumes_mid_cycle_exactly(world):
+    """batch_size=4 grad_accum=2 takes the same steps as batch_size=8 (the same rows, the mean loss of each
+    micro-batch halved and summed), so the weights agree to rounding; and a run resumed after being abandoned
+    in the middle of an accumulation cycle (gradients of one micro-batch accumulated, no step taken) ends
+    bit for bit where the uninterrupted run ends."""
+    from ilora_cli.training.loop import Trainer
+
+    common = dict(max_steps=4, experts=2, lora_dropout=0.0, checkpoint_every=1)
+    big = Trainer(_cfg(world, name="ga-big", batch_size=8, **common))
+    big.run()
+    accumulated = Trainer(_cfg(world, name="ga-acc", batch_size=4, grad_accum=2, **common))
+    accumulated.run()
+    a, b = _trained_weights(big), _trained_weights(accumulated)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    # resumed from step 2 after a half cycle that was thrown away
+    Trainer(_cfg(world, name="ga-part", batch_size=4, grad_accum=2, stop_after=2, **common)).run()
+    abandoned = Trainer(_cfg(world, name="ga-part", batch_size=4, grad_accum=2, resume=True, **common))
+    assert abandoned.step_count == 2
+    with abandoned.accelerator.accumulate(abandoned.model):  # micro-step 0 of step 3, then the process "dies"
+        loss, _ = abandoned.loss(abandoned.micro_batch(0))
+        abandoned.accelerator.backward(loss)
+    assert not abandoned.accelerator.sync_gradients
+    del abandoned
+    resumed = Trainer(_cfg(world, name="ga-part", batch_size=4, grad_accum=2, resume=True, **common))
+    summary = resumed.run()
+    assert summary["resumed_from"].endswith("step-000002") and summary["complete"]
+    c = _trained_weights(resumed)
+    assert all(torch.equal(c[n], b[n]) for n in b)
+    assert summary["weights_sha256"] == weights_digest(accumulated.unwrapped)

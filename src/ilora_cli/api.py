@@ -24,9 +24,10 @@ C = TypeVar("C")
 def _config(cls: type[C], config: C | None, settings: dict[str, Any]) -> C:
     """``cls`` from a config object and keyword settings, through the command line's resolution and checks."""
     from .config import resolve, to_dict
+    from .errors import UserError
 
     if config is not None and not isinstance(config, cls):
-        raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
+        raise UserError(f"Expected a {cls.__name__} (or settings as keywords); got {type(config).__name__}.")
     values = {**(to_dict(config) if config is not None else {}), **settings}
     return resolve(cls, None, {k: v for k, v in values.items() if v is not None})
 
@@ -73,10 +74,17 @@ def recommend(run: str | Path, histories: list[list[Any]], /, **settings: Any) -
 
     Settings as on the command line (``top_k``, ``candidates`` (a JSON file), ``retrieve``, ``device``, ...).
     """
-    from .evaluation.recommend import RecommendConfig, Recommender
+    from .errors import UserError
+    from .evaluation.recommend import RecommendConfig, Recommender, history_problem
 
-    if not isinstance(histories, list) or not all(isinstance(h, (list, dict)) for h in histories):
-        raise TypeError("histories must be a list of histories, each a list of item ids or titles")
+    if not isinstance(histories, list):
+        raise UserError(f"histories must be a list of histories; got {type(histories).__name__}.")
+    for i, history in enumerate(histories):
+        problem = history_problem(history)
+        if problem is not None:
+            raise UserError(f"histories[{i}]: {problem}.")
+    if not isinstance(run, (str, Path)):
+        raise UserError(f"run must be a run directory or name; got {run!r}.")
     # The command line reads histories from --user-history; here they are given, so that setting is a stand-in.
     config = _config(RecommendConfig, None, {"run": str(run), "user_history": "<given in Python>", **settings})
     recommender = Recommender(config)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .plots import read_jsonl
+from .plots import validation_records
 
 EVALUATIONS = "evaluations.json"
 
@@ -29,18 +29,30 @@ def write_card(run_dir: Path) -> Path:
 def record_results(runs: list[str], result: dict[str, Any]) -> None:
     """Each evaluated run's card shows its latest ``ilora eval`` results per split, mode and candidates."""
     from .evaluation.evaluate import resolve_run
+    from .home import unwritable
 
     for name in runs:
         run_dir = resolve_run(name)
         if run_dir.name in result["results"]:
-            record_eval(run_dir, result, result["results"][run_dir.name])
+            try:
+                record_eval(run_dir, result, result["results"][run_dir.name])
+            except OSError as exc:
+                if unwritable(exc) is None:
+                    raise
+                from .console import labelled
+
+                labelled("note", f"the card of {run_dir} is not updated: its folder is not writable ({exc.strerror}).")
 
 
 def record_eval(run_dir: Path, result: dict[str, Any], run_result: dict[str, Any]) -> None:
     """Keep one ``ilora eval`` result of this run (by split, mode and candidates) and refresh the card."""
     run_dir = Path(run_dir)
     path = run_dir / EVALUATIONS
-    doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    doc = read_evaluations(run_dir)
+    if path.is_file() and not doc and path.stat().st_size > 3:
+        from .console import labelled
+
+        labelled("note", f"{path} could not be read (damaged); it is written again with this result.")
     key = f"{result['split']} / {result['mode']} / {result['protocol']}"
     metrics = {"run": _means(run_result["metrics"]), "rows": result["n_rows"], "draws": result["draws"]}
     if "llm" in run_result:
@@ -52,6 +64,25 @@ def record_eval(run_dir: Path, result: dict[str, Any], run_result: dict[str, Any
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     write_card(run_dir)
+
+
+def read_evaluations(run_dir: Path) -> dict[str, Any]:
+    """``evaluations.json``: the results recorded so far, by key; those that cannot be read are left out (the file
+    only repeats what ``ilora eval`` printed, and is written again with the next result)."""
+    try:
+        doc = json.loads((Path(run_dir) / EVALUATIONS).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {key: entry for key, entry in doc.items() if _entry_ok(entry)}
+
+
+def _entry_ok(entry: Any) -> bool:
+    if not (isinstance(entry, dict) and isinstance(entry.get("run"), dict) and "rows" in entry and "draws" in entry):
+        return False
+    systems = [entry[s] for s in ("run", "llm alone", "encoder") if s in entry]
+    return all(isinstance(s, dict) and all(isinstance(v, str) for v in s.values()) for s in systems)
 
 
 def _means(metrics: dict[str, Any]) -> dict[str, str]:
@@ -136,9 +167,7 @@ def _num(x: Any) -> str:
 
 def _metrics(run_dir: Path) -> list[str]:
     out: list[str] = []
-    path = run_dir / EVALUATIONS
-    evals = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    for key, doc in evals.items():
+    for key, doc in read_evaluations(run_dir).items():
         names = list(doc["run"])
         out += [f"`ilora eval` on {key} ({doc['rows']} rows, {doc['draws']} draws):", ""]
         out += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -146,7 +175,7 @@ def _metrics(run_dir: Path) -> list[str]:
             if system in doc:
                 out.append(f"| {system} | " + " | ".join(doc[system].get(m, "—") for m in names) + " |")
         out.append("")
-    val = read_jsonl(run_dir / "logs" / "validation.jsonl")
+    val = validation_records(run_dir)
     if val:
         last = val[-1]
         out.append(

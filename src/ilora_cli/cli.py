@@ -419,12 +419,10 @@ def recommend(
     overrides: Overrides = None,
 ) -> None:
     """Recommend items for users' histories: the encoder retrieves, the LLM reranks (or ranks given candidates)."""
-    import json as json_lib
-
     from rich.table import Table
 
     from .config import resolve
-    from .console import err, print_json
+    from .console import err, json_text, labelled, print_json
     from .evaluation.recommend import RecommendConfig, Recommender, read_histories
 
     cfg = resolve(
@@ -443,13 +441,13 @@ def recommend(
                 raise
             # Batch mode: one output line per input line, errors included; exit 2 at the end.
             failed += 1
-            err.print(f"[bold red]error:[/] user {lineno}: {exc}")
-            sys.stdout.write(json_lib.dumps({"line": lineno, "error": str(exc)}, ensure_ascii=False) + "\n")
+            labelled("error", f"user {lineno}: {exc}", "bold red")
+            sys.stdout.write(json_text({"line": lineno, "error": str(exc)}) + "\n")
             continue
         for note in out["notes"]:
-            err.print(f"[yellow]note:[/] {note}")
+            labelled("note", note)
         if batch:
-            sys.stdout.write(json_lib.dumps(out, ensure_ascii=False) + "\n")
+            sys.stdout.write(json_text(out) + "\n")
             sys.stdout.flush()
             continue
         t = Table(title=f"Recommendations ({out['candidates']})")
@@ -622,12 +620,9 @@ def main() -> None:
     try:
         app(prog_name="ilora")
     except UserError as exc:
-        from rich.markup import escape
+        from .console import labelled
 
-        from .console import err
-
-        # escaped: a sentence such as "pip install 'ilora[serve]'" is text, not markup
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        labelled("error", str(exc), "bold red")  # literally: messages quote settings, titles and paths
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

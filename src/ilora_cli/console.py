@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -24,12 +25,19 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 # Logs and CI capture stderr without a terminal, where rich would fall back to 80 columns and cut the
-# metric tables: give them room.
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# metric tables: give them room. No markup: what is printed is often the user's (titles, paths, messages that
+# quote settings), and markup would swallow anything in square brackets; styles are set with Text instead.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
 
 PROGRESS_SECONDS = "ILORA_PROGRESS_SECONDS"  # environment variable: seconds between plain progress lines
+
+
+def labelled(label: str, text: str, style: str = "yellow") -> None:
+    """``label: text`` on stderr, the label styled and the text exactly as given (never read as markup)."""
+    err.print(Text.assemble((f"{label}:", style), " ", str(text)), soft_wrap=True)
 
 
 def progress(disable: bool = False, plain: bool | None = None, **kwargs: Any) -> Progress | PlainProgress:
@@ -162,8 +170,41 @@ def quiet_libraries() -> None:
 
 def print_json(doc: Any) -> None:
     """Print one JSON document on stdout."""
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False, default=_json_default) + "\n")
+    sys.stdout.write(json_text(doc, indent=2, ensure_ascii=True) + "\n")
     sys.stdout.flush()
+
+
+def json_text(doc: Any, indent: int | None = None, ensure_ascii: bool = False) -> str:
+    """``doc`` as strict JSON. Python's json writes NaN and infinities as ``NaN`` and ``Infinity``, which no JSON
+    parser but Python's accepts: they are written as null instead, with a note on stderr saying how many."""
+    doc, replaced = _finite(_plain(doc))
+    if replaced:
+        err.print(
+            f"note: {replaced} number{'s' if replaced > 1 else ''} in the JSON output "
+            f"{'were' if replaced > 1 else 'was'} not finite (NaN or infinite) and "
+            f"{'are' if replaced > 1 else 'is'} written as null.",
+            markup=False,
+            highlight=False,
+        )
+    return json.dumps(doc, indent=indent, ensure_ascii=ensure_ascii, allow_nan=False)
+
+
+def _plain(doc: Any) -> Any:
+    """``doc`` with numpy scalars and arrays as Python numbers and lists."""
+    return json.loads(json.dumps(doc, default=_json_default))
+
+
+def _finite(doc: Any) -> tuple[Any, int]:
+    """``doc`` with every non-finite float replaced by None, and how many were."""
+    if isinstance(doc, float):
+        return (doc, 0) if math.isfinite(doc) else (None, 1)
+    if isinstance(doc, dict):
+        pairs = [(k, *_finite(v)) for k, v in doc.items()]
+        return {k: v for k, v, _ in pairs}, sum(n for _, _, n in pairs)
+    if isinstance(doc, list):
+        pairs = [_finite(v) for v in doc]
+        return [v for v, _ in pairs], sum(n for _, n in pairs)
+    return doc, 0
 
 
 def _json_default(obj: Any) -> Any:

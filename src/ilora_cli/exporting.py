@@ -9,6 +9,7 @@ saved as a plain Hugging Face causal-LM directory, ``merged/``, that loads witho
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,16 @@ def export(config: ExportConfig) -> dict[str, Any]:
             f"--merge needs a single LoRA (K = 1); {run_dir.name} has {info['experts']['experts']} experts "
             "mixed per user, which no fixed merged weight can reproduce."
         )
-    output = Path(config.output).resolve()
-    if output == run_dir.resolve() or run_dir.resolve() in output.parents:
+    output = Path(config.output).absolute()
+    if output.resolve() == run_dir.resolve() or run_dir.resolve() in output.resolve().parents:
         raise UserError("--output must be outside the run directory.")
-    with atomic_directory(output, overwrite=config.overwrite) as tmp:
+    link = first_link(run_dir)
+    if link is not None:
+        raise UserError(
+            f"The run {run_dir} holds a symbolic link, {link.relative_to(run_dir)} -> {os.readlink(link)}; an export "
+            "never follows links out of a run: remove it and export again."
+        )
+    with atomic_directory(output, overwrite=config.overwrite, kind="export") as tmp:
         for name in KEEP:
             src = run_dir / name
             if src.is_dir():
@@ -87,6 +94,21 @@ def export(config: ExportConfig) -> dict[str, Any]:
             merge_into_backbone(tmp, tmp / "merged")
     files = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
     return {"run": str(run_dir), "output": str(output), "merged": config.merge, "files": files}
+
+
+def first_link(run_dir: Path) -> Path | None:
+    """The first symbolic link among what an export copies (anywhere below it), or None. A link planted in a run
+    would otherwise be followed and its target, anywhere on the machine, copied into the export."""
+    for name in KEEP:
+        top = run_dir / name
+        if top.is_symlink():
+            return top
+        if top.is_dir():
+            for folder, dirs, files in os.walk(top):  # os.walk does not descend into linked folders
+                for entry in sorted(dirs + files):
+                    if (Path(folder) / entry).is_symlink():
+                        return Path(folder) / entry
+    return None
 
 
 def _portable_adapter_config(path: Path, backbone: str) -> bool:

@@ -165,21 +165,151 @@ def append_json_line(path: Path, record: dict, then: str) -> None:
         raise UserError(f"Could not write the log {path} ({reason}); {then}") from None
 
 
+# -- what --overwrite may replace ------------------------------------------------------------------------
+
+# kind -> (the files or folders that mark it as written by this tool, every name it may hold). --overwrite
+# replaces only a directory that holds one of the markers and nothing else: a folder of other things given as
+# --output (a parent of the home, a project folder) is refused instead of deleted.
+ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepared dataset": (("meta.json",), ("meta.json", "items", "train", "val", "test", "extra_candidates")),
+    "encoder": (("encoder.json",), ("encoder.json", "encoder.safetensors")),
+    "run": (
+        ("config.yaml", "ilora.json", "logs"),  # logs/ is the first thing a new run creates
+        (
+            "ilora.json",
+            "config.yaml",
+            "adapter",
+            "projector.safetensors",
+            "user_projector.safetensors",
+            "gate.safetensors",
+            "encoder",
+            "items.json",
+            "logs",
+            "checkpoints",
+            "manifest.json",
+            "README.md",
+            "README.md.tmp",
+            "plots",
+            "evaluations.json",
+            "evaluations.tmp",
+            "predictions-*.jsonl",
+        ),
+    ),
+    "export": (
+        ("ilora.json",),
+        (
+            "ilora.json",
+            "config.yaml",
+            "adapter",
+            "projector.safetensors",
+            "user_projector.safetensors",
+            "gate.safetensors",
+            "encoder",
+            "items.json",
+            "README.md",
+            "plots",
+            "logs",
+            "evaluations.json",
+            "manifest.json",
+            "merged",
+        ),
+    ),
+    "ablation": (
+        ("ablation.json",),
+        ("ablation.json", "runs", "cells", "logs", "data", "encoders", "results.json", "results.csv", "plots"),
+    ),
+    "gradient-conflict analysis": (("gradient-conflict.json",), ("gradient-conflict.json", "*.png")),
+}
+
+
+def _ours(name: str, allowed: tuple[str, ...]) -> bool:
+    """Whether an entry's name is one the artifact holds, or a temporary this tool writes (``.X.tmp...``)."""
+    import fnmatch
+
+    if name.startswith(".") and (".tmp" in name or ".old-" in name):
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed)
+
+
+def replace_problem(target: Path, kind: str) -> str | None:
+    """Why ``--overwrite`` must not replace ``target`` as a ``kind`` (see :data:`ARTIFACTS`), or None when it may:
+    it is absent, an empty folder, or a folder holding one of the kind's markers and nothing else."""
+    target = Path(target)
+    if target.is_symlink():
+        return f"{target} is a symbolic link, not {_a(kind)}"
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        return f"{target} is a file, not {_a(kind)}"
+    markers, allowed = ARTIFACTS[kind]
+    names = sorted(p.name for p in target.iterdir())
+    if not names:
+        return None
+    foreign = [n for n in names if not _ours(n, allowed)]
+    if foreign:
+        return f"{target} holds {foreign[0]!r}, which no {kind} of this tool holds"
+    if not any(n in markers for n in names):
+        return f"{target} has none of the files that mark {_a(kind)} ({', '.join(markers)})"
+    return None
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def check_replaceable(target: Path, kind: str) -> None:
+    """Refuse, in one sentence, to let ``--overwrite`` replace anything but a ``kind`` this tool wrote."""
+    problem = replace_problem(target, kind)
+    if problem is not None:
+        raise UserError(
+            f"--overwrite replaces only {_a(kind)} written by ilora, and {problem}; "
+            "choose another output or move it away yourself."
+        )
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a directory tree (what a replaced target was)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# Errors of a folder that cannot be written at all: read-only, or not the user's.
+_UNWRITABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def unwritable(exc: BaseException) -> str | None:
+    """The reason, when ``exc`` says a place cannot be written (permission, read-only); None otherwise."""
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE_ERRNOS:
+        return os.strerror(exc.errno)
+    return None
+
+
 @contextmanager
-def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: Path, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``target`` and rename it into place on success.
 
     On any exception the temporary directory is removed, so no half-written artifact is left behind.
     Everything is flushed to the disk before the rename and the rename itself after it, so a power loss
     leaves the old artifact or the new one, never a renamed directory of empty files. Temporaries that
-    killed writes of the same target left behind are removed first.
+    killed writes of the same target left behind are removed first. With ``kind``, an existing target is
+    replaced only when it is an artifact of that kind (:func:`check_replaceable`).
     """
     target = Path(target)
-    if target.exists() and not overwrite:
+    if (target.exists() or target.is_symlink()) and not overwrite:
         raise UserError(f"The output {target} already exists; pass --overwrite to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    if kind is not None:
+        check_replaceable(target, kind)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as exc:
+        reason = unwritable(exc) or disk_error(exc)
+        if reason is None:
+            raise
+        raise UserError(f"Could not write {target} ({reason}); nothing was written.") from None
     try:
         yield tmp
         fsync_tree(tmp)
@@ -190,12 +320,12 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
             raise
         kept = "the previous one is unchanged" if target.exists() else "nothing was left behind"
         raise UserError(f"Could not write {target} ({reason}); {kept}.") from None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         trash = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, trash)
         os.replace(tmp, target)
         fsync_dir(target.parent)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
     else:
         os.replace(tmp, target)
     fsync_dir(target.parent)

@@ -38,10 +38,44 @@ def _integer_steps(ax) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's log, skipping lines that are not whole JSON objects (the half-written last line
+    of a killed process, an edited line)."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def train_records(run_dir: Path) -> list[dict[str, Any]]:
+    """``logs/train.jsonl``: the records with a step and a loss."""
+    return [r for r in read_jsonl(Path(run_dir) / "logs" / "train.jsonl") if _number(r.get("step"), r.get("loss"))]
+
+
+def validation_records(run_dir: Path) -> list[dict[str, Any]]:
+    """``logs/validation.jsonl``: the records with a step, their sizes and HR@1 and MRR of every ranking."""
+
+    def whole(r: dict[str, Any]) -> bool:
+        val = r.get("val")
+        return (
+            _number(r.get("step"), r.get("val_rows"), r.get("val_draws"))
+            and isinstance(val, dict)
+            and all(isinstance(m, dict) and _number(m.get("hr@1"), m.get("mrr")) for m in val.values())
+        )
+
+    records = [r for r in read_jsonl(Path(run_dir) / "logs" / "validation.jsonl") if whole(r)]
+    return [r for r in records if set(r["val"]) == set(records[0]["val"])]
+
+
+def _number(*xs: Any) -> bool:
+    return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
 
 
 def loss_curve(records: list[dict[str, Any]], path: Path, title: str = "training loss") -> Path:
@@ -87,10 +121,10 @@ def training_plots(run_dir: Path) -> list[Path]:
     """``plots/loss.png`` (and ``plots/validation.png`` when validation ran) from a run's logs."""
     run_dir = Path(run_dir)
     written = []
-    train = read_jsonl(run_dir / "logs" / "train.jsonl")
+    train = train_records(run_dir)
     if train:
         written.append(loss_curve(train, run_dir / "plots" / "loss.png", f"{run_dir.name}: training loss"))
-    val = read_jsonl(run_dir / "logs" / "validation.jsonl")
+    val = validation_records(run_dir)
     if val:
         written.append(validation_curves(val, run_dir / "plots" / "validation.png", f"{run_dir.name}: validation"))
     return written

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
-from .console import err
+from .console import err, labelled
 
 SAMPLED_ORDER = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
 
@@ -35,7 +36,7 @@ def dataset_table(meta: dict[str, Any]) -> None:
         h.add_row(split, *[f"{dist.get(str(n), 0):,}" for n in lengths])
     err.print(h)
     for note in meta.get("notes", []):
-        err.print(f"[yellow]note:[/] {note}")
+        labelled("note", note)
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, Any]], protocol: str) -> None:
@@ -44,7 +45,7 @@ def metrics_table(title: str, rows: dict[str, dict[str, Any]], protocol: str) ->
     extra = sorted(
         {k for r in rows.values() for k, v in r.items() if k not in SAMPLED_ORDER and isinstance(v, (dict, float, int))}
     )
-    t = Table(title=f"{title}  [dim]({protocol}; mean ± std over draws)[/]")
+    t = Table(title=Text.assemble(title, (f"  ({protocol}; mean ± std over draws)", "dim")))
     t.add_column("")
     for m in names + extra:
         t.add_column(m, justify="right")

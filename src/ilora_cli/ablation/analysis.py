@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import check_minimums, resolve
+from ..config import check_minimums, check_seed, resolve
 from ..console import err
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
@@ -52,6 +52,7 @@ class AnalysisConfig:
             raise UserError("Pass --run RUN (and optionally --baseline RUN) to the gradient-conflict analysis.")
         check_minimums(self, {"clusters": 2, "rows_per_cluster": 1, "cluster_rows": 2, "batch_size": 1})
         check_device(self.device)
+        check_seed(self)
         if self.name is not None:
             check_name(self.name, "analysis name")
 
@@ -64,7 +65,7 @@ def gradient_conflict(config: AnalysisConfig) -> dict[str, Any]:
     """Run the analysis for ``config.run`` (and ``config.baseline``); write JSON and heatmaps; return the JSON."""
     from ..devices import resolve_device
     from ..evaluation.evaluate import resolve_run
-    from ..home import atomic_directory, ilora_home
+    from ..home import atomic_directory, check_replaceable, ilora_home
     from ..training.run import load_run
 
     t0 = time.perf_counter()
@@ -77,6 +78,7 @@ def gradient_conflict(config: AnalysisConfig) -> dict[str, Any]:
     out_dir = Path(config.output) if config.output else ilora_home() / "ablations" / name
     if out_dir.exists() and not config.overwrite:
         raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    check_replaceable(out_dir, "gradient-conflict analysis")
     split = dataset.split("train")
     results: dict[str, Any] = {}
     clusters = None
@@ -169,6 +171,12 @@ def user_clusters(encoder, split: SplitData, config: AnalysisConfig, allowed: np
     if len(rows) < config.clusters:
         raise UserError(f"{len(rows)} training rows are too few for {config.clusters} clusters.")
     reps = user_representations(encoder, split)[rows]  # (n, d)
+    distinct = len(np.unique(reps, axis=0))
+    if distinct < config.clusters:  # k-means would leave clusters empty, with no rows and no gradient
+        raise UserError(
+            f"The encoder gives {distinct} distinct user representations of the {len(rows)} rows clustered, fewer "
+            f"than the {config.clusters} clusters asked for; lower clusters (or raise cluster_rows)."
+        )
     kmeans = KMeans(n_clusters=config.clusters, n_init=10, random_state=config.seed).fit(reps)
     labels = kmeans.labels_
     chosen = []

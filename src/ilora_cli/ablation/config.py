@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import check_minimums, load_yaml, parse_overrides, resolve
+from ..config import (
+    MAX_SEED,
+    as_written,
+    check_minimums,
+    check_seed,
+    load_yaml,
+    parse_overrides,
+    resolve,
+    written_overrides,
+    written_scalars,
+)
 from ..errors import UserError
 from ..home import check_name, ilora_home
 
+# The most cells a grid may have: each trains a run (minutes to hours), so a larger grid is a typo or a plan for
+# months; refusing it at once also keeps --dry-run instant (a grid of 10^6 cells was expanded before).
+MAX_CELLS = 1000
 # Training settings the ablation sets itself, per cell or once: they cannot be given as key=value.
 MANAGED = ("dataset", "name", "output", "overwrite", "resume", "encoder")
 # Training settings that are also axes: key=value fixes them for every cell, unless the axis is given.
@@ -65,12 +79,16 @@ class AblateConfig:
             values = getattr(self, axis)
             if values is not None and (not values or len(set(values)) != len(values)):
                 raise UserError(f"--{axis.replace('_', '-')} needs distinct comma-separated values; got {values}.")
+        check_seed(self)
+        if any(not 0 <= s <= MAX_SEED for s in self.seeds or []):
+            raise UserError(f"Seeds must be in [0, {MAX_SEED}]; got {self.seeds}.")
         if any(k < 1 for k in self.experts or []):
             raise UserError(f"Expert counts must be at least 1; got {self.experts}.")
         if any(c < 2 for c in self.candidates or []):
             raise UserError(f"An evaluation needs at least 2 candidates; got {self.candidates}.")
         if any(not 0 < f <= 1 for f in self.train_fraction or []):
             raise UserError(f"Train fractions must be in (0, 1]; got {self.train_fraction}.")
+        self._check_size()
         if self.split not in ("val", "test"):
             raise UserError(f"Unknown split {self.split!r}; choose val or test.")
         check_minimums(self, {"eval_draws": 1, "eval_rows": 1, "eval_batch_size": 1, "encode_epochs": 1})
@@ -79,6 +97,30 @@ class AblateConfig:
         if self.name is not None:
             check_name(self.name, "ablation name")
         self._check_train_settings()
+
+    def _check_size(self) -> None:
+        """Count the cells before anything expands them; refuse a grid too large to run, or whose cells would
+        share a name (values that print alike, such as 0.5 and 0.5000001)."""
+        from .grid import AXES
+
+        sizes = {a: len(getattr(self, a)) for a in AXES_ORDER if getattr(self, a) is not None}
+        cells = math.prod(sizes.values())
+        if cells > MAX_CELLS:
+            axes = " x ".join(f"{n:,} {a.replace('_', ' ')}" for a, n in sizes.items())
+            raise UserError(
+                f"The grid has {cells:,} cells ({axes}); at most {MAX_CELLS:,} are allowed, as each cell trains a "
+                "run: split it into smaller ablations."
+            )
+        for axis in sizes:
+            label = AXES[axis][1]
+            seen: dict[str, Any] = {}
+            for value in getattr(self, axis):
+                other = seen.setdefault(label(value), value)
+                if other != value:
+                    raise UserError(
+                        f"--{axis.replace('_', '-')} values {other} and {value} would both be named "
+                        f"{label(value)!r}; give values that differ in their first six significant digits."
+                    )
 
     def _check_train_settings(self) -> None:
         from ..training.loop import TrainConfig
@@ -107,7 +149,7 @@ def train_settings(values: dict[str, Any]) -> dict[str, Any]:
     from ..training.loop import TrainConfig
 
     types = _field_types(TrainConfig)
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(map(str, set(values) - set(types)))
     if unknown:
         raise UserError(
             f"Unknown training setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
@@ -130,6 +172,15 @@ def default_name(config: AblateConfig) -> str:
 AXES_ORDER = ("experts", "gates", "encoders", "prompts", "objectives", "train_fraction", "seeds", "candidates")
 
 
+def _as_written(values: dict[str, Any], written: dict[str, str]) -> dict[str, Any]:
+    """Training settings that hold text (names, paths) as written, not as YAML read them (007, yes)."""
+    from ..config import _field_types
+    from ..training.loop import TrainConfig
+
+    types = _field_types(TrainConfig)
+    return {k: as_written(v, written.get(k), types[k]) if k in types else v for k, v in values.items()}
+
+
 def resolve_ablation(config_file: Path | None, flags: dict[str, Any], overrides: list[str] | None) -> AblateConfig:
     """The ablation from a YAML file (ablation keys plus a ``train:`` mapping), flags, and key=value pairs.
 
@@ -142,14 +193,15 @@ def resolve_ablation(config_file: Path | None, flags: dict[str, Any], overrides:
     train = yaml_doc.pop("train", None) or {}
     if not isinstance(train, dict):
         raise UserError(f"In the config file {config_file}, train must be a mapping of training settings.")
-    unknown = sorted(set(yaml_doc) - fields)
+    unknown = sorted(map(str, set(yaml_doc) - fields))
     if unknown:
         raise UserError(
             f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in the config file; "
             f"valid keys are: {', '.join(sorted(fields))} (training settings go under train:)."
         )
-    train = dict(train)
-    train.update({k: v for k, v in parse_overrides(overrides).items() if k not in own})
+    train = _as_written(dict(train), written_scalars(config_file, "train"))
+    pairs = {k: v for k, v in parse_overrides(overrides).items() if k not in own}
+    train.update(_as_written(pairs, written_overrides(overrides)))
     ablation_pairs = [p for p in overrides or [] if p.partition("=")[0].strip() in own]
     merged = {**yaml_doc, **{k: v for k, v in flags.items() if v is not None}}
     config = resolve(AblateConfig, None, merged, ablation_pairs)

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ..console import err
+from ..console import err, labelled
 from .grid import axes_of
 from .significance import ALPHA, TEST_NAME, compare
 
@@ -211,11 +211,12 @@ def print_table(doc: dict[str, Any]) -> None:
         "scores without the encoder."
     )
     if doc.get("cross_domain"):
-        err.print(f"[yellow]cross-domain:[/] {doc['cross_domain']['comparable']}")
+        labelled("cross-domain", doc["cross_domain"]["comparable"])
     if doc["unfinished"]:
-        err.print(
-            f"[yellow]note:[/] {len(doc['unfinished'])} cell(s) unfinished: {', '.join(doc['unfinished'])}; "
-            "run the same command again to resume them."
+        labelled(
+            "note",
+            f"{len(doc['unfinished'])} cell(s) unfinished: {', '.join(doc['unfinished'])}; "
+            "run the same command again to resume them.",
         )
 
 

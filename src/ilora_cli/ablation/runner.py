@@ -17,6 +17,7 @@ runs that finished training but not evaluation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -24,34 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
+
 from .. import __version__
 from ..config import resolve, to_dict
 from ..console import err
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
-from ..home import append_json_line
+from ..home import append_json_line, check_replaceable
+from ..training.identity import differences, identity
 from .config import AblateConfig
 from .grid import Cell, axes_of, expand, reference_cell
-
-# Training settings that do not change what a run learns: a run may be resumed with other values.
-OPERATIONAL = (
-    "dataset",
-    "name",
-    "output",
-    "overwrite",
-    "resume",
-    "encoder",
-    "stop_after",
-    "quiet",
-    "threads",
-    "checkpoint_every",
-    "log_every",
-    "device",
-    "validate_every",
-    "validate_at",
-    "validate_rows",
-    "validate_draws",
-)
 
 # Cells checkpoint more often than a single run by default: an interrupted grid loses at most this many steps.
 CHECKPOINT_EVERY = 10
@@ -78,14 +62,30 @@ class Plan:
 
 def plan(config: AblateConfig) -> Plan:
     cells = expand(config)
+    dataset = PreparedDataset.open(config.dataset)
+    eval_dataset = PreparedDataset.open(config.eval_dataset) if config.eval_dataset else None
+    check_candidates(config.candidates, dataset, eval_dataset)
     return Plan(
         config=config,
         directory=config.directory(),
-        dataset=PreparedDataset.open(config.dataset),
-        eval_dataset=PreparedDataset.open(config.eval_dataset) if config.eval_dataset else None,
+        dataset=dataset,
+        eval_dataset=eval_dataset,
         cells=cells,
         reference=reference_cell(cells, config.reference),
     )
+
+
+def check_candidates(counts: list[int] | None, dataset: PreparedDataset, eval_dataset: PreparedDataset | None) -> None:
+    """Refuse a candidate count the catalogue cannot fill before any cell trains (the draws are made only when a
+    cell is evaluated): beside a history of up to ``max_history`` items, at most ``n_items - max_history`` fit."""
+    rows_from = eval_dataset or dataset
+    most = min(dataset.n_items, rows_from.n_items) - rows_from.max_history
+    too_many = [n for n in counts or [] if n > most]
+    if too_many:
+        raise UserError(
+            f"--candidates {too_many[0]} is more than the catalogue can fill: {rows_from.n_items} items leave at most "
+            f"{most} candidates beside a history of up to {rows_from.max_history}; ask for at most {most}."
+        )
 
 
 def run_ablation(config: AblateConfig) -> dict[str, Any]:
@@ -96,6 +96,7 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
     if config.dry_run:
         return dry_run(p)
     if config.overwrite and p.directory.exists():
+        check_replaceable(p.directory, "ablation")
         shutil.rmtree(p.directory)
     _claim_directory(p)
     t0 = time.perf_counter()
@@ -106,7 +107,8 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
             status[c.name] = "finished before"
         if not pending:
             continue
-        err.print(f"[bold]Ablation {p.directory.name}[/]: run {key} ({', '.join(c.name for c in pending)})")
+        cells = ", ".join(c.name for c in pending)
+        err.print(Text.assemble((f"Ablation {p.directory.name}", "bold"), f": run {key} ({cells})"))
         if not _train(p, group[0]):
             for c in group:
                 status[c.name] = "stopped"
@@ -143,7 +145,12 @@ def _claim_directory(p: Plan) -> None:
     }
     manifest = p.directory / "ablation.json"
     if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
+        old = json_doc(manifest)
+        if old is None:
+            raise UserError(
+                f"The ablation directory {p.directory} is damaged (ablation.json cannot be read), so it cannot be "
+                "checked to hold this ablation; pass --overwrite or choose another --name or --output."
+            )
         for key in ("dataset", "eval_dataset"):
             if (old.get(key) or {}).get("checksum") != (doc.get(key) or {}).get("checksum"):
                 raise UserError(
@@ -157,6 +164,31 @@ def _claim_directory(p: Plan) -> None:
 
 def _dataset_doc(ds: PreparedDataset | None) -> dict[str, Any] | None:
     return None if ds is None else {"name": ds.name, "checksum": ds.checksum, "path": str(ds.path)}
+
+
+def json_doc(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing, truncated, not JSON or not an object: what an
+    ablation writes (cells, attempt logs) is read back only where it is whole."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines log, skipping lines that are not (the half-written last line of a killed
+    process, an edited line)."""
+    out = []
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def _write_json(path: Path, doc: Any) -> None:
@@ -232,11 +264,6 @@ def train_config(p: Plan, cell: Cell, dataset: PreparedDataset, encoder: Path):
     return resolve(TrainConfig, None, settings)
 
 
-def identity(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The training settings that decide what a run learns (resolved defaults included)."""
-    return {k: v for k, v in config_dict.items() if k not in OPERATIONAL}
-
-
 def run_state(directory: Path, config) -> str:
     """``done``, ``resume`` or ``fresh`` for a run directory; refuses one trained with other settings."""
     from ..training.checkpoint import list_checkpoints
@@ -247,9 +274,8 @@ def run_state(directory: Path, config) -> str:
     if not saved.is_file() or not (has_checkpoint or (directory / "ilora.json").is_file()):
         return "fresh"
     old = resolve(TrainConfig, saved)
-    mine, theirs = identity(to_dict(config)), identity(to_dict(old))
-    if mine != theirs:
-        diff = [f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in mine if mine.get(k) != theirs.get(k)]
+    diff = differences(to_dict(old), to_dict(config))
+    if diff:
         raise UserError(
             f"The run {directory} was trained with other settings ({'; '.join(diff[:3])}); "
             "pass --overwrite or choose another --name or --output."
@@ -298,9 +324,11 @@ def _resumed_step(summary: dict[str, Any]) -> int:
 def train_minutes(p: Plan, cell: Cell) -> float:
     """Wall minutes of every training attempt of the cell's run (loading included)."""
     log = p.directory / "logs" / f"{cell.train_key}.jsonl"
-    if not log.is_file():
-        return 0.0
-    return sum(json.loads(x)["seconds"] for x in log.read_text(encoding="utf-8").splitlines() if x) / 60
+    return sum(a["seconds"] for a in json_lines(log) if _number(a.get("seconds"))) / 60
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # -- evaluation -----------------------------------------------------------------------------------------
@@ -324,16 +352,32 @@ def _weights_digest(directory: Path) -> str | None:
 
 
 def _finished(p: Plan, cell: Cell) -> bool:
-    f = cell_file(p, cell)
-    if not f.is_file():
+    """Whether the cell's file is whole and was written for the current weights of its run and this evaluation;
+    a damaged cell file counts as not finished: the cell is evaluated again."""
+    doc = json_doc(cell_file(p, cell))
+    if doc is None or cell_problem(doc) is not None:
         return False
-    doc = json.loads(f.read_text(encoding="utf-8"))
     return (
         doc.get("eval_identity") == eval_identity(p, cell)
         and doc.get("train_identity") == identity(to_dict(_cell_train_config(p, cell)))
         and (run_dir(p, cell) / "ilora.json").is_file()
         and doc.get("weights_sha256") == _weights_digest(run_dir(p, cell))
     )
+
+
+def cell_problem(doc: dict[str, Any]) -> str | None:
+    """What a cell document lacks that the report reads, or None."""
+    for key in ("metrics", "llm_metrics", "encoder_metrics"):
+        mrr = doc.get(key, {}).get("mrr") if isinstance(doc.get(key), dict) else None
+        if not (isinstance(mrr, dict) and _number(mrr.get("mean"))):
+            return f"no {key}"
+    for key in ("train_minutes", "eval_minutes"):
+        if not _number(doc.get(key)):
+            return f"no {key}"
+    per_user = doc.get("per_user")
+    if not (isinstance(per_user, dict) and all(isinstance(v, list) for v in per_user.values())):
+        return "no per-user results"
+    return None
 
 
 def eval_split(p: Plan, cell: Cell) -> tuple[SplitData, dict[str, Any] | None]:
@@ -513,20 +557,16 @@ def _measured_seconds_per_sample(p: Plan) -> dict[tuple[str, str], float]:
     totals: dict[tuple[str, str], list[float]] = {}
     logs = p.directory / "logs"
     for f in sorted(logs.glob("*.jsonl")) if logs.is_dir() else []:
-        for line in f.read_text(encoding="utf-8").splitlines():
-            a = json.loads(line)
-            if a.get("samples"):
-                t = totals.setdefault((a["objective"], a["prompt"]), [0.0, 0.0])
+        for a in json_lines(f):
+            if _number(a.get("samples")) and _number(a.get("seconds")) and a.get("samples") > 0:
+                t = totals.setdefault((str(a.get("objective")), str(a.get("prompt"))), [0.0, 0.0])
                 t[0] += a["seconds"]
                 t[1] += a["samples"]
     return {k: s / n for k, (s, n) in totals.items() if n}
 
 
 def read_cell(p: Plan, cell: Cell) -> dict[str, Any] | None:
-    f = cell_file(p, cell)
-    if not _finished(p, cell):
-        return None
-    return json.loads(f.read_text(encoding="utf-8"))
+    return json_doc(cell_file(p, cell)) if _finished(p, cell) else None
 
 
 def loss_curves(p: Plan) -> dict[str, list[tuple[int, float]]]:
@@ -535,6 +575,6 @@ def loss_curves(p: Plan) -> dict[str, list[tuple[int, float]]]:
     for key, group in _by_run(p.cells).items():
         log = run_dir(p, group[0]) / "logs" / "train.jsonl"
         if log.is_file():
-            records = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x]
-            out[key] = [(r["step"], r["loss"]) for r in records if "loss" in r]
+            records = [r for r in json_lines(log) if _number(r.get("step")) and isinstance(r.get("loss"), float)]
+            out[key] = [(r["step"], r["loss"]) for r in records]
     return out

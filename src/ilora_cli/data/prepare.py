@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import check_minimums, check_range
+from ..config import check_minimums, check_range, check_seed
 from ..console import err
 from ..errors import UserError
-from ..home import check_name, dataset_dir
+from ..home import check_name, check_replaceable, dataset_dir
+from .checks import MAX_CANDIDATES_PER_ROW
 from .formats import FORMATS, loader
 from .holdout import DEFAULT_HOLDOUT, Holdout
 from .prepared import write_prepared
@@ -56,11 +57,17 @@ class PrepareConfig:
         check_minimums(self, {"max_history": 1, "min_history": 1, "candidates": 2, "draws": 1, "seed": 0})
         check_range(self, "draws", high=MAX_DRAWS)
         self.holdout = Holdout.parse(self.holdout).spec
+        if self.draws * self.candidates > MAX_CANDIDATES_PER_ROW:
+            raise UserError(
+                f"--draws {self.draws} x --candidates {self.candidates} stores {self.draws * self.candidates:,} "
+                f"candidates per val/test row; at most {MAX_CANDIDATES_PER_ROW:,} are allowed."
+            )
+        check_seed(self)
         if self.format == "synthetic":
-            from .formats.synthetic import MAX_ITEMS, MIN_ITEMS
+            from .formats.synthetic import MAX_ITEMS, MAX_USERS, MIN_ITEMS
 
             check_range(self, "synthetic_items", low=MIN_ITEMS, high=MAX_ITEMS)
-            check_range(self, "synthetic_users", low=10, high=10_000_000)
+            check_range(self, "synthetic_users", low=10, high=MAX_USERS)
             check_range(self, "synthetic_groups", low=1, high=self.synthetic_items)
 
 
@@ -75,9 +82,11 @@ def default_name(fmt: str, input: Path | None) -> str:
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Read the source, then write the prepared dataset; returns its meta document plus the path."""
+    config.validate()  # also names the dataset when no name was given
     out_dir = Path(config.output) if config.output else dataset_dir(config.dataset)
     if out_dir.exists() and not config.overwrite:
         raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    check_replaceable(out_dir, "prepared dataset")  # before reading the source, not after
     started = time.perf_counter()
     where = f" from {config.input}" if config.input else ""
     err.print(f"prepare: reading the {config.format} data{where} ...", highlight=False)

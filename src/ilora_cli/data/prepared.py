@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import UserError
 from ..home import atomic_directory, dataset_dir
 from .candidates import draw_candidates
+from .checks import check_candidate_table, checked_titles, read_meta, split_table, verified
 from .source import MIN_HISTORY, Rows, SourceData, validate_rows
 from .titles import clean_title, disambiguate
 
@@ -80,7 +81,7 @@ class PreparedDataset:
         meta_file = self.path / "meta.json"
         if not meta_file.is_file():
             raise UserError(f"{self.path} is not a prepared dataset (no meta.json); run `ilora prepare` first.")
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
+        self.meta: dict[str, Any] = read_meta(self.path)
 
     @classmethod
     def open(cls, name_or_path: str | Path) -> PreparedDataset:
@@ -128,16 +129,12 @@ class PreparedDataset:
 
     @cached_property
     def titles(self) -> list[str]:
-        from datasets import load_from_disk
-
-        return list(load_from_disk(str(self.path / "items"))["title"])
+        return checked_titles(self)
 
     def split(self, name: str) -> SplitData:
         if name not in self.meta["splits"]:
             raise UserError(f"The dataset {self.name!r} has no {name} split; it has: {', '.join(self.meta['splits'])}.")
-        from datasets import load_from_disk
-
-        table = load_from_disk(str(self.path / name)).data.table  # pyarrow: columnar, no per-row Python work
+        table = split_table(self, name)  # pyarrow: columnar, no per-row Python work; checked against meta.json
         n = table.num_rows
 
         def column(col: str, *shape: int) -> np.ndarray:
@@ -149,7 +146,7 @@ class PreparedDataset:
         cands = None
         if "candidates" in table.column_names:
             cands = column("candidates", int(self.meta["draws"]), int(self.meta["n_candidates"]))
-        return SplitData(
+        split = SplitData(
             name=name,
             sample_id=column("sample_id"),
             seq=column("seq", self.max_history),
@@ -157,6 +154,7 @@ class PreparedDataset:
             next=column("next"),
             candidates=cands,
         )
+        return verified(self, split)
 
 
 def _holdout_counts(train: Rows, spec: str | None, seed: int) -> dict[str, Any]:
@@ -258,11 +256,12 @@ def write_prepared(
         "notes": list(source.notes),
     }
     checksums = {"items": _sha256_texts(titles)}
+    check_candidate_table(sum(len(r) for s, r in kept.items() if s != "train"), draws, n_candidates)
 
     item_features = Features(
         {"item_id": Value("int64"), "title": Value("string"), "source_id": Value("string"), "metadata": Value("string")}
     )
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind="prepared dataset") as tmp:
         Dataset.from_dict(
             {
                 "item_id": list(range(n_items)),

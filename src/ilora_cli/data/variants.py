@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..console import err
+from ..console import labelled
 from ..errors import UserError
 from .candidates import SPLIT_CODES
 from .holdout import train_users
@@ -94,14 +94,17 @@ def _more(split: SplitData, n_items: int, n: int, seed: int) -> np.ndarray:
 
 
 def _read_extra(path: Path, checksum: str, base_shape: tuple[int, ...]) -> np.ndarray | None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="numpy") as fh:
-        meta = fh.metadata() or {}
-        cands = fh.get_tensor("candidates")
-    if meta.get("split_checksum") != checksum or cands.shape[:2] != base_shape[:2]:
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+            cands = fh.get_tensor("candidates")
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None  # damaged (truncated, edited): drawn again, and stored again in its place
+    if meta.get("split_checksum") != checksum or cands.shape[:2] != base_shape[:2] or cands.ndim != 3:
         return None  # drawn for another version of the split: draw again
     return cands.astype(np.int64)
 
@@ -116,7 +119,7 @@ def _write_extra(path: Path, cands: np.ndarray, sample_id: np.ndarray, checksum:
         save_file({"candidates": np.ascontiguousarray(cands), "sample_id": sample_id}, str(tmp), metadata=meta)
         os.replace(tmp, path)
     except PermissionError:
-        err.print(f"[yellow]note:[/] could not store the {cands.shape[2]}-candidate draws in {path.parent}.")
+        labelled("note", f"could not store the {cands.shape[2]}-candidate draws in {path.parent}.")
 
 
 # -- fewer training users ----------------------------------------------------------------------------

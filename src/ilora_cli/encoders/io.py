@@ -33,7 +33,7 @@ def build_encoder(kind: str, n_items: int, model_config: dict[str, Any]) -> Sequ
         raise UserError(f"Unknown encoder type {kind!r}; choose one of: {', '.join(ENCODERS)}.")
     model_cls, config_cls = ENCODERS[kind]
     names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(model_config) - names)
+    unknown = sorted(map(str, set(model_config) - names))
     if unknown:
         raise UserError(f"Unknown {kind} setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}.")
     return model_cls(config_cls(**model_config), n_items)
@@ -122,6 +122,8 @@ def check_compatible(info: dict[str, Any], dataset: PreparedDataset) -> None:
     """Refuse an encoder trained on another catalogue: its item rows would mean different items."""
     where = info.get("path", "the encoder")
     trained = info.get("dataset") or {}
+    if not isinstance(trained, dict):  # an edited encoder.json: its dataset must describe one, with a checksum
+        raise UserError(f"{where}/{CONFIG_FILE} does not describe the dataset it was trained on; train it again.")
     trained_name = trained.get("name", "?")
     if int(info["n_items"]) != dataset.n_items:
         raise UserError(

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import console
-from ..config import check_minimums, check_range, to_dict
+from ..config import check_minimums, check_range, check_seed, to_dict
 from ..data.holdout import Holdout, partition
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
-from ..home import atomic_directory, check_name, encoder_dir
+from ..home import atomic_directory, check_name, check_replaceable, encoder_dir
 from . import ENCODERS
 from .base import SequentialEncoder
 from .evaluate import evaluate_encoder, training_rows_metrics
@@ -100,6 +100,7 @@ class EncodeConfig:
             },
         )
         check_range(self, "hidden_size", high=MAX_HIDDEN)
+        check_seed(self)
         if self.model == "sasrec" and self.hidden_size % self.num_heads:
             raise UserError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
         check_range(self, "dropout", low=0, high=1, high_open=True)
@@ -161,6 +162,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     out_dir = Path(config.output) if config.output else encoder_dir(name)
     if out_dir.exists() and not config.overwrite:
         raise UserError(f"The output {out_dir} already exists; pass --overwrite to replace it.")
+    check_replaceable(out_dir, "encoder")  # before training, not after
     if config.device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"device {config.device!r} was requested but no CUDA device is available.")
     device = torch.device(config.device)
@@ -218,7 +220,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "best_epoch": best_epoch,
         "training": {"config": to_dict(config), **summary},
     }
-    with atomic_directory(out_dir, overwrite=config.overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=config.overwrite, kind="encoder") as tmp:
         save_encoder(model, info, tmp)
     return {
         "encoder_dir": str(out_dir),

@@ -288,6 +288,19 @@ def _check_predictions_target(config: EvalConfig, n_runs: int) -> None:
             break
 
 
+def _check_writable(config: EvalConfig, run_dirs: list[Path]) -> None:
+    """Where the predictions go must be writable, checked before the evaluation rather than after it: by default
+    each run's own directory, which may be a read-only copy."""
+    import os
+
+    folders = [Path(config.predictions)] if config.predictions else run_dirs
+    for folder in folders:
+        folder = folder if folder.is_dir() else next((p for p in folder.parents if p.exists()), folder.parent)
+        if not os.access(folder, os.W_OK):
+            hint = "" if config.predictions else "; pass --predictions FILE to write them elsewhere"
+            raise UserError(f"The predictions cannot be written into {folder} (it is read-only){hint}.")
+
+
 def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
     """Write the predictions through a temporary of a name no other file has, renamed into place at the end."""
     from ..home import write_text_durably
@@ -375,6 +388,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             )
     named = _named_encoder(config, dataset)
     _check_predictions_target(config, len(run_dirs))
+    _check_writable(config, run_dirs)
     split = load_split(config, dataset)
     retrieve = _retrieve_n(config.candidates)
     if retrieve and retrieve > dataset.n_items - dataset.max_history:

@@ -86,7 +86,7 @@ class BadLine:
 MAX_HISTORY_FILE = 256 << 20  # bytes: a history file is read whole
 
 
-def read_histories(path: Path) -> tuple[list[Any], bool]:
+def read_histories(path: Path, what: str = "history file") -> tuple[list[Any], bool]:
     """A JSON list (one user) or a JSONL file (one list per line: batch mode).
 
     In batch mode a line that is not a history becomes a :class:`BadLine` in its place, so that every
@@ -95,16 +95,15 @@ def read_histories(path: Path) -> tuple[list[Any], bool]:
     """
     path = Path(path)
     if not path.is_file():
-        what = "a folder, not a file" if path.is_dir() else "missing"
-        raise UserError(f"The history file {path} is {what}.")
+        raise UserError(f"The {what} {path} is {'a folder, not a file' if path.is_dir() else 'missing'}.")
     if path.stat().st_size > MAX_HISTORY_FILE:
-        raise UserError(f"The history file {path} is larger than {MAX_HISTORY_FILE >> 20} MiB; split it.")
+        raise UserError(f"The {what} {path} is larger than {MAX_HISTORY_FILE >> 20} MiB; split it.")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is allowed, as in the interactions reader
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text.") from None
     if not text.strip():
-        raise UserError(f"The history file {path} is empty.")
+        raise UserError(f"The {what} {path} is empty.")
     try:
         doc = json.loads(text)
         users, batch = [doc], False
@@ -115,8 +114,8 @@ def read_histories(path: Path) -> tuple[list[Any], bool]:
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 users.append(_history_line(line, path, lineno))
-    if not batch and _history_problem(doc) is not None:
-        raise UserError(f"{path}: {_history_problem(doc)}.")
+    if not batch and history_problem(doc) is not None:
+        raise UserError(f"{path}: {history_problem(doc)}.")
     return users, batch
 
 
@@ -127,12 +126,13 @@ def _history_line(line: str, path: Path, lineno: int) -> Any:
         return BadLine(f"{path} line {lineno} is not valid JSON ({exc.msg})")
     except RecursionError:
         return BadLine(f"{path} line {lineno} is nested too deeply to be a history")
-    problem = _history_problem(doc)
+    problem = history_problem(doc)
     return doc if problem is None else BadLine(f"{path} line {lineno}: {problem}")
 
 
-def _history_problem(doc: Any) -> str | None:
-    if isinstance(doc, list) or (isinstance(doc, dict) and "history" in doc):
+def history_problem(doc: Any) -> str | None:
+    """Why ``doc`` is not a history (a list of item ids or titles, or ``{"history": [...], "dataset": name}``)."""
+    if isinstance(doc, list) or (isinstance(doc, dict) and isinstance(doc.get("history"), list)):
         return None  # {"history": [...], "dataset": optional name the ids refer to}
     return "a history must be a JSON list of item ids or titles"
 
@@ -149,7 +149,7 @@ class Recommender:
         self.pad_id = int(self.run.info["dataset"]["pad_id"])
         self.fixed = None
         if config.candidates is not None:
-            cands, _ = read_histories(config.candidates)
+            cands, _ = read_histories(config.candidates, "candidates file")
             if len(cands) != 1 or not isinstance(cands[0], list):
                 raise UserError("--candidates must be one JSON list of item ids or titles.")
             if not cands[0]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..console import err
 from ..errors import UserError
@@ -130,7 +131,7 @@ def load_backbone(spec: BackboneSpec):
             if "sdpa" not in str(exc).lower():
                 raise
             model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or damaged weights file
         raise UserError(f"Could not load the backbone {source}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

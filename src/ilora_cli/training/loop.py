@@ -17,16 +17,17 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import check_minimums, check_range, to_dict
-from ..console import err, progress
+from ..config import check_minimums, check_range, check_seed, to_dict
+from ..console import err, labelled, progress
 from ..data.holdout import Holdout
 from ..devices import check_device, resolve_device
 from ..errors import UserError
-from ..home import append_json_line, check_name
+from ..home import append_json_line, check_name, check_replaceable
 from ..home import run_dir as named_run_dir
 from ..llm.experts import GATE_TYPES
 from ..llm.heads import HEAD_INITS, HEADS
 from ..llm.prompt import TEMPLATE_SETS
+from .identity import check_resume
 
 PROJECTOR_NORMS = ("none", "token")
 LABELS = ("next", "encoder")
@@ -163,6 +164,7 @@ class TrainConfig:
             },
         )
         self._check_ranges()
+        check_seed(self)
         if self.validate_at is not None and any(x < 1 for x in self.validate_at):
             raise UserError(f"validate_at lists optimisation steps, from 1; got {self.validate_at}.")
         if self.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
@@ -334,12 +336,15 @@ class Trainer:
         self.fresh_start = not config.resume
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"The run directory {run_dir} is a file, not a folder; pass another --output or --name.")
+        if (config.resume or config.overwrite) and run_dir.is_dir():
+            check_replaceable(run_dir, "run")  # both may delete what the folder holds
         if config.resume:
             if not (run_dir / "config.yaml").is_file():
                 raise UserError(
                     f"There is no run to resume in {run_dir}; start it without --resume "
                     "(with --overwrite if the folder exists)."
                 )
+            check_resume(run_dir, config)
         elif run_dir.exists() and any(run_dir.iterdir()):
             if not config.overwrite:
                 raise UserError(
@@ -425,12 +430,14 @@ class Trainer:
     def _setup_model(self) -> None:
         from ..llm.backbone import load_backbone, prepare_for_training
         from ..llm.heads import scorer
+        from ..llm.limits import check_rank
         from ..llm.model import ExpertConfig, ILoraModel, attach_lora
         from ..llm.prompt import PromptBuilder
 
         config = self.config
         t_load = time.perf_counter()
         base, tokenizer = load_backbone(self.spec)
+        check_rank(base, config.rank)
         base = prepare_for_training(base, config.gradient_checkpointing)
         self.experts = ExpertConfig(
             experts=config.experts,
@@ -532,7 +539,7 @@ class Trainer:
                 "start the run again with --overwrite."
             )
         if damaged and self.main:
-            err.print(f"[yellow]warning:[/] skipped a damaged checkpoint ({damaged[0]}); resuming from {path.name}.")
+            labelled("warning", f"skipped a damaged checkpoint ({damaged[0]}); resuming from {path.name}.")
         self._apply_checkpoint(ck, path)
 
     def _apply_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
@@ -731,6 +738,9 @@ class Trainer:
 
         kept = list_checkpoints(self.run_dir / "checkpoints")
         where = f"the last good checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint had been written yet"
+        if not kept and self.fresh_start and self.main:
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing to resume: leave nothing for a re-run to trip on
+            where += ", and nothing was left behind"
         raise UserError(
             f"The training loss became {loss} at step {self.step_count}, so training stopped ({where}); "
             "lower lr or alpha, or check the other settings."

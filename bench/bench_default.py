@@ -73,6 +73,10 @@ def summarise_run(run_dir: Path, reference: str | None = None) -> tuple[dict, di
     rr = per_user_rr(predictions)
     extra = {}
     if reference is not None:
+        import yaml
+
+        seed = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("seed")
+        reference = reference.replace("{seed}", str(seed))  # an encoder per seed: the same seed as the run's
         ids, ref_rr, ref_metrics = reference_rr(reference, predictions)
         assert ids == rr["sample_id"]
         rr["reference"] = list(ref_rr)
@@ -106,7 +110,8 @@ def main() -> None:
     ap.add_argument(
         "--reference-encoder",
         default=None,
-        help="also test every ranking against this encoder (e.g. one fitted on every training row) on the same draws",
+        help="also test every ranking against this encoder (e.g. one fitted on every training row) on the same draws; "
+        "{seed} in it stands for each run's seed",
     )
     args = ap.parse_args()
     from ilora_cli import metrics

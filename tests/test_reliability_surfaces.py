@@ -306,10 +306,21 @@ def test_an_ablation_with_a_damaged_ablation_json_is_refused_in_one_sentence(hom
 def test_gradient_conflict_with_more_clusters_than_distinct_users_is_one_sentence(home, tmp_path):
     """Before: k-means left clusters empty (duplicate user representations) and the analysis ended in an
     AttributeError on their missing gradient."""
-    from ilora_cli.ablation.analysis import AnalysisConfig, gradient_conflict
+    import numpy as np
 
-    with pytest.raises(UserError, match="distinct user representations .* fewer than the 250 clusters"):
-        gradient_conflict(AnalysisConfig(run="s2", clusters=250, rows_per_cluster=1, output=tmp_path / "gc"))
+    from ilora_cli.ablation.analysis import AnalysisConfig, gradient_conflict, user_representations
+    from ilora_cli.data.holdout import partition
+    from ilora_cli.data.prepared import PreparedDataset
+    from ilora_cli.encoders.io import load_encoder
+
+    # the rows the run trained on (its encoder's holdout): the cycle data repeats histories across users
+    dataset = PreparedDataset.open("cyc")
+    rows = partition(dataset, None).second_stage_rows
+    encoder, _ = load_encoder(home / "runs" / "s2" / "encoder")
+    distinct = len(np.unique(user_representations(encoder, dataset.split("train"))[rows].round(5), axis=0))
+    assert distinct < len(rows)  # the premise: more rows than distinct representations
+    with pytest.raises(UserError, match=f"distinct user representations .* fewer than the {distinct + 1} clusters"):
+        gradient_conflict(AnalysisConfig(run="s2", clusters=distinct + 1, rows_per_cluster=1, output=tmp_path / "gc"))
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from torch import nn
 
 from .experts import Gate, GateHolder, TokenRouters, install_gate_hooks, lora_a_modules
 from .heads import HEADS, ItemHead
+from .logprobs import fused_applicable, token_logprobs
 from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, PromptBatch
 
 PROJECTOR_NORMS = ("none", "token")
@@ -322,8 +323,13 @@ class ILoraModel(nn.Module):
             h = decoder(inputs_embeds=all_embeds, attention_mask=mask, position_ids=all_pos, use_cache=False)
             h = h.last_hidden_state  # (B, T+W, H)
             t = embeds.shape[1]
+            output_layer = self.llm.get_output_embeddings()
+            if fused_applicable(output_layer):  # frozen: chunked, and no vocabulary in the backward (logprobs.py)
+                first = token_logprobs(h[:, t - 1], output_layer, first_tokens)  # (B, C): answer token 0
+                rest = token_logprobs(h[row, t + col], output_layer, targets[:, None]).squeeze(1)  # (N,)
+                return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
             hidden = torch.cat([h[:, t - 1], h[row, t + col]])  # (B + N, H): the prompt's last position, the slots
-            logits = self.llm.get_output_embeddings()(hidden).float()  # (B + N, V)
+            logits = output_layer(hidden).float()  # (B + N, V)
             lse = torch.logsumexp(logits, dim=-1)  # (B + N,)
             first = logits[:n_rows].gather(1, first_tokens) - lse[:n_rows, None]  # (B, C): answer token 0
             rest = logits[n_rows:].gather(1, targets[:, None]).squeeze(1) - lse[n_rows:]  # (N,): tokens 1..L-1

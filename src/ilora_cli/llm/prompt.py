@@ -178,6 +178,7 @@ class PromptBuilder:
 
         def count(token) -> list[int]:
             return (ids == token).sum(1).tolist()  # (B,) per row
+
         if count(self.history_id) != n_history or count(self.candidate_id) != listed:
             raise RuntimeError("placeholder count does not match the number of history/candidate items")
         if self.user_token and count(self.user_id) != [1] * len(ids):

@@ -244,6 +244,7 @@ def tiny(workers: list[Worker], args, scratch: Path) -> dict:
             "item_losses": largest_difference({k: v["losses"] for k, v in results["item"].items()}, "after"),
         },
         "seconds": {name: {k: v["seconds"] for k, v in r.items()} for name, r in results.items()},
+        "losses": {name: {k: v["losses"] for k, v in r.items()} for name, r in results.items() if name != "eval"},
         "peak_rss_mib": {w.label: w.ask("memory")["peak_rss_mib"] for w in workers},
     }
     print()
@@ -279,14 +280,17 @@ def default_backbone(workers: list[Worker], args, scratch: Path) -> dict:
         "step_seconds": {k: v["seconds"] for k, v in result.items()},
         "median_step_seconds": median,
         "ratio_after_over": {k: v / median["after"] for k, v in median.items() if k != "after"},
+        "losses": {k: v["losses"] for k, v in result.items()},
         "max_abs_difference_vs_after": {
-            "losses": largest_difference({k: v["losses"] for k, v in result.items()}, "after")
+            "first_step_loss": {k: abs(v["losses"][0] - result["after"]["losses"][0]) for k, v in result.items()},
+            "losses": largest_difference({k: v["losses"] for k, v in result.items()}, "after"),
         },
         "peak_rss_mib": {w.label: w.ask("memory")["peak_rss_mib"] for w in workers},
     }
     print()
     for label, m in median.items():
         print(f"{label:<8} median {m:6.2f} s/step   step-time ratio {label} / after: {m / median['after']:.2f}")
+    print("largest differences from 'after':", json.dumps(doc["max_abs_difference_vs_after"]))
     return doc
 
 

@@ -66,9 +66,12 @@ def world(tiny_world, monkeypatch):
         {"head": "item", "loss_over": "catalogue", "fusion": "none"},
     ],
 )
-def test_a_training_step_reads_the_device_once(world, tmp_path, settings):
+def test_a_training_step_reads_the_device_once(world, tmp_path, settings, monkeypatch):
     """Inside a step the package's code reads nothing back from the device but the step's loss and terms, once,
-    at its end: on a GPU every other read would stall the host until the device caught up."""
+    at its end: on a GPU every other read would stall the host until the device caught up. The title tokens'
+    log-probabilities take the path they take on a GPU (on the CPU they check their row sums on the host)."""
+    from ilora_cli.llm import logprobs
+
     trainer = Trainer(
         TrainConfig(
             dataset="cyc",
@@ -83,6 +86,12 @@ def test_a_training_step_reads_the_device_once(world, tmp_path, settings):
     )
     trainer.model.train()
     trainer.step()  # the first step builds its batches in the loop; the next ones come from the prefetcher
+    if settings["head"] == "title":  # the CPU's path: its row-sum checks are seen as well
+        cpu = DeviceReads()
+        with cpu:
+            trainer.step()
+        assert {where.split(":")[0].rsplit("/", 1)[-1] for _, where in cpu.ours} == {"logprobs.py", "loop.py"}
+    monkeypatch.setattr(logprobs, "subtracts_maximum", lambda device: True)
     reads = DeviceReads()
     with reads:
         loss, terms = trainer.step()

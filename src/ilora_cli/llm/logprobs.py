@@ -39,6 +39,12 @@ def fused_applicable(output_layer: nn.Module) -> bool:
     return type(output_layer) is nn.Linear and not any(p.requires_grad for p in output_layer.parameters())
 
 
+def subtracts_maximum(device: torch.device) -> bool:
+    """Whether each row's maximum is taken out before exponentiating by default: everywhere but on the CPU, where
+    the rows out of exp's range are found by a check on the host instead (module doc)."""
+    return device.type != "cpu"
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     output_layer: nn.Linear,
@@ -55,7 +61,7 @@ def token_logprobs(
         raise ValueError("token_logprobs needs a frozen nn.Linear output layer")
     weight, bias = output_layer.weight, output_layer.bias
     chunk = chunk_rows or max(1, CHUNK_ELEMENTS.get(hidden.device.type, 2**22) // weight.shape[0])
-    shift = hidden.device.type != "cpu" if shift is None else shift
+    shift = subtracts_maximum(hidden.device) if shift is None else shift
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _TokenLogProbs.apply(hidden, weight, bias, targets, chunk, shift)
     return _forward(hidden, weight, bias, targets, chunk, shift, expected=False)[0]

@@ -95,7 +95,7 @@ def test_reference_budget_guard_stops_cleanly_and_keeps_what_was_measured(tiny_w
     """Runs far longer than their time limit are interrupted; the script still ends well, with the validations made
     until then in the curves and both runs marked as stopped by the budget."""
     out = tmp_path / "out"
-    r = _reference_budget(tiny_world, out, STEPS="100000", TRAIN_LIMIT="30", PROFILE_LIMIT="3")
+    r = _reference_budget(tiny_world, out, STEPS="100000", TRAIN_LIMIT="20", PROFILE_LIMIT="3")
     assert r.returncode == 0, r.stdout + r.stderr
     curves = json.loads((out / "curves.json").read_text())
     assert all(curves[h]["stopped_by_budget"] for h in ("title", "item")), r.stdout

@@ -162,3 +162,29 @@ def test_backbones_that_transform_their_logits_are_scored_through_their_own_outp
         slow = _naive(model, builder, hist, cands)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(own, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_log_probabilities_give_autograd_gradients():
+    """Title scores through the chunked log-probabilities with their closed-form backward (llm/logprobs.py) give the
+    scores and LoRA gradients of the plain autograd path (taken when the output layer is trainable)."""
+    from ilora_cli.llm.logprobs import fused_applicable
+
+    model, builder = _setup()
+    model.train()
+    hist, cands = [[0, 1, 2], [3, 4, 5, 6, 7]], [[3, 4, 5, 6], [0, 1, 2, 11]]
+    prefix = builder.batch(hist, cands, pad_id=N_ITEMS, padding_side="left")
+    lora = model.trainable_parameters()["lora"]
+    output = model.llm.get_output_embeddings()
+    results = []
+    for trainable_output in (False, True):
+        output.weight.requires_grad_(trainable_output)
+        assert fused_applicable(output) is not trainable_output
+        scores, _ = candidate_logprobs(model, builder, prefix, torch.tensor(cands), "mean")
+        loss = torch.nn.functional.cross_entropy(scores, torch.tensor([1, 3]))
+        results.append((scores.detach(), torch.autograd.grad(loss, lora)))
+    output.weight.requires_grad_(False)
+    (fused, fused_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert any(g.abs().max() > 0 for g in plain_grads)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -10,11 +10,16 @@ import torch
 from ..errors import UserError
 
 
-def _prefix(run, histories, candidates):
+def _prefix(run, histories, candidates, answers: bool = False):
+    """The left-padded prompts on the model's device; with ``answers``, with the layout of the candidates' titles
+    packed behind them (laid out on the host, llm/packing.py)."""
+    from ..llm.scoring import with_answers
+
     info = run.info["dataset"]
-    return run.builder.batch(
+    prefix = run.builder.batch(
         histories, candidates, None, None, info["pad_id"], info["max_history"], padding_side="left"
-    ).to(run.model.device)
+    )
+    return (with_answers(run.builder, prefix) if answers else prefix).to(run.model.device)
 
 
 @torch.no_grad()
@@ -85,7 +90,7 @@ def score_candidates(
     for start in range(0, len(histories), batch_size):
         hist = histories[start : start + batch_size]
         cands = candidates[start : start + batch_size]
-        prefix = _prefix(run, hist, cands.tolist())
+        prefix = _prefix(run, hist, cands.tolist(), answers=run.scorer.lists_candidates)
         s, g = run.scorer.candidate_scores(run.model, run.builder, prefix, normalize)
         scores.append(s.float().cpu().numpy())
         gates.append(g.float().cpu().numpy())

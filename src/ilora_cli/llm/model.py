@@ -15,6 +15,8 @@ from torch import nn
 
 from .experts import Gate, GateHolder, TokenRouters, install_gate_hooks, lora_a_modules
 from .heads import HEADS, ItemHead
+from .logprobs import fused_applicable, token_logprobs
+from .packing import PackedAnswers
 from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, PromptBatch
 
 PROJECTOR_NORMS = ("none", "token")
@@ -145,34 +147,36 @@ class ILoraModel(nn.Module):
 
     # -- inputs -------------------------------------------------------------------------------------
     def embed(self, batch: PromptBatch) -> torch.Tensor:
-        """Token embeddings with every placeholder replaced by its projected item embedding."""
+        """Token embeddings with every placeholder replaced by its projected item embedding.
+
+        The k-th ``[HistoryEmb]`` of a row takes the row's k-th history item, the k-th ``[CansEmb]`` its k-th
+        candidate; the builder checked the counts on the host (:meth:`PromptBuilder.batch`), so nothing here reads
+        a count back from the device.
+        """
         embeds = self.llm.get_input_embeddings()(batch.input_ids)  # (B, T, H)
         if not self.config.hybrid:
             return embeds
-        length = batch.history.shape[1]
-        real = torch.arange(length, device=batch.history.device)[None, :] < batch.history_len[:, None]  # (B, L)
-        listed = batch.candidates.reshape(-1) if batch.candidates_listed else batch.candidates.new_zeros(0)
-        items = torch.cat([batch.history[real], listed])  # (Nh + B*C,)
-        with torch.no_grad():
-            item_vecs = self.encoder.item_embedding(items)  # (Nh + B*C, d_item)
-        vecs = self._to_token_scale(self.projector(item_vecs.to(self.projector.net[0].weight.dtype))).to(embeds.dtype)
-        n_hist = int(real.sum())
-        hist_mask = batch.input_ids == self.history_id  # (B, T)
-        cand_mask = batch.input_ids == self.candidate_id  # (B, T)
-        if int(hist_mask.sum()) != n_hist or int(cand_mask.sum()) != listed.numel():
-            raise RuntimeError("placeholder count does not match the number of history/candidate items")
-        # masked_scatter fills the masked positions in row-major order: row by row, left to right,
-        # which is the order of history[real] and candidates.reshape(-1).
-        embeds = embeds.masked_scatter(hist_mask.unsqueeze(-1).expand_as(embeds), vecs[:n_hist])
-        embeds = embeds.masked_scatter(cand_mask.unsqueeze(-1).expand_as(embeds), vecs[n_hist:])
+        embeds = self._fill(embeds, batch.input_ids == self.history_id, self._project(batch.history))
+        if batch.candidates_listed:
+            embeds = self._fill(embeds, batch.input_ids == self.candidate_id, self._project(batch.candidates))
         if self.user_projector is not None:
-            user_mask = batch.input_ids == self.user_id  # (B, T): one per row
-            if not torch.equal(user_mask.sum(1), torch.ones_like(user_mask.sum(1))):
-                raise RuntimeError("every prompt must hold exactly one user placeholder")
             user = self.user_projector(self.user_representation(batch).to(self.user_projector.net[0].weight.dtype))
-            user = self._to_token_scale(user)  # (B, H)
-            embeds = embeds.masked_scatter(user_mask.unsqueeze(-1).expand_as(embeds), user.to(embeds.dtype))  # (B, H)
+            user = self._to_token_scale(user)[:, None]  # (B, 1, H): one placeholder per row
+            embeds = self._fill(embeds, batch.input_ids == self.user_id, user)
         return embeds
+
+    def _project(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, n) item ids (padding included) → (B, n, H) their projected embeddings."""
+        with torch.no_grad():
+            vecs = self.encoder.item_embedding(items)  # (B, n, d_item)
+        return self._to_token_scale(self.projector(vecs.to(self.projector.net[0].weight.dtype)))  # (B, n, H)
+
+    @staticmethod
+    def _fill(embeds: torch.Tensor, mask: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        """``embeds`` (B, T, H) with the k-th masked position of each row replaced by ``vecs[b, k]`` (B, n, H)."""
+        index = (mask.cumsum(1) - 1).clamp(min=0, max=vecs.shape[1] - 1)  # (B, T): k of each masked position
+        picked = vecs.to(embeds.dtype).gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, T, H)
+        return torch.where(mask[..., None], picked, embeds)  # (B, T, H)
 
     def _to_token_scale(self, vecs: torch.Tensor) -> torch.Tensor:
         """(N, H) projected vectors, rescaled to the backbone's mean token-embedding norm with projector_norm=token
@@ -221,12 +225,14 @@ class ILoraModel(nn.Module):
         logits_to_keep: int = 0,
         items: torch.Tensor | None = None,
         query: bool = False,
+        packed: PackedAnswers | None = None,
     ):
         """Without ``answers``: causal-LM outputs (loss on the answer tokens when ``batch.labels`` is set;
         logits of the last ``logits_to_keep`` positions only when it is positive, which needs no labels).
 
-        With ``answers`` (B*C, La) and ``answer_mask``: (B, C) sums of answer-token log-probabilities after
-        each prompt, all candidates packed behind the prompt in one forward (see :mod:`ilora_cli.llm.scoring`).
+        With ``answers`` (B*C, La) and ``answer_mask``, or their layout ``packed`` (:mod:`.packing`): (B, C) sums of
+        answer-token log-probabilities after each prompt, all candidates packed behind the prompt in one forward
+        (see :mod:`ilora_cli.llm.scoring`).
 
         Item head (left-padded prompts): with ``items`` (B, C), the (B, C) scores ``(W h) · e_c``; with
         ``query``, the (B, d) query vectors ``W h`` themselves.
@@ -246,7 +252,9 @@ class ILoraModel(nn.Module):
                 with torch.no_grad():
                     e = self.encoder.item_embedding(items)  # (B, C, d) frozen
                 return torch.einsum("bd,bcd->bc", q.float(), e.float()), gates  # (B, C)
-            if answers is None:
+            if answers is not None:
+                packed = PackedAnswers.from_padded(answers, answer_mask, embeds.shape[0])
+            if packed is None:
                 out = self.llm(
                     inputs_embeds=embeds,
                     attention_mask=batch.attention_mask,
@@ -255,7 +263,7 @@ class ILoraModel(nn.Module):
                     logits_to_keep=logits_to_keep,
                 )
                 return out, gates
-            return self._score(embeds, batch.attention_mask, positions, answers, answer_mask), gates
+            return self._score(embeds, batch.attention_mask, positions, packed), gates
 
     def _last_hidden(self, embeds, attention_mask, positions) -> torch.Tensor:
         """(B, H) the decoder's final (normalised) hidden state at each row's last position; prompts are
@@ -277,7 +285,7 @@ class ILoraModel(nn.Module):
         """(B, N) scores of every catalogue item for (B, d) query vectors."""
         return queries.float() @ self.encoder.item_embeddings().float().T  # (B, d) @ (d, N)
 
-    def _score(self, embeds, attention_mask, positions, answers, answer_mask) -> torch.Tensor:
+    def _score(self, embeds, attention_mask, positions, packed: PackedAnswers) -> torch.Tensor:
         """(B, C) summed answer-token log-probabilities, all candidates in one forward after the prompt.
 
         The prompt is encoded once. Behind it, each row carries its C answers packed end to end (token j of
@@ -285,35 +293,23 @@ class ILoraModel(nn.Module):
         block mask lets each answer token see the prompt and the earlier tokens of its own answer only,
         and its position continues the prompt's, so every candidate is scored exactly as if it followed
         the prompt alone -- without copying the prompt's keys and values per candidate, and without
-        padding every answer to the longest title of the batch.
+        padding every answer to the longest title of the batch. ``packed`` (llm/packing.py) says where each
+        answer token goes; it was laid out on the host, so nothing here waits for the device.
         """
-        n_rows = attention_mask.shape[0]
-        n_cands = answers.shape[0] // n_rows
-        device = embeds.device
+        n_rows, n_cands = packed.first.shape
         impl = getattr(self.llm.config, "_attn_implementation", None)
         if impl not in (None, "sdpa", "eager"):
             raise ValueError(f"candidate scoring needs the sdpa or eager attention implementation, not {impl!r}")
-        # Packed inputs: answer tokens that have a successor, flattened in (b, c, j) order.
-        has_next = answer_mask[:, 1:].bool()  # (B*C, La-1)
-        inputs, targets = answers[:, :-1][has_next], answers[:, 1:][has_next]  # (N,)
-        owner = torch.arange(answers.shape[0], device=device)[:, None].expand_as(has_next)[has_next]  # (N,) b*C+c
-        offset_in_answer = torch.arange(has_next.shape[1], device=device).expand_as(has_next)[has_next]  # (N,) j
-        row = owner // n_cands
-        per_row = torch.bincount(row, minlength=n_rows)  # (B,) packed length of each row
-        width = int(per_row.max()) if inputs.numel() else 0
-        col = torch.arange(len(row), device=device) - (torch.cumsum(per_row, 0) - per_row)[row]  # (N,)
-        packed = answers.new_full((n_rows, width), 0)
-        packed[row, col] = inputs
-        block = answers.new_full((n_rows, width), -1)  # the answer (b*C+c) of each packed slot; -1 = padding
-        block[row, col] = owner
+        row, col, owner = packed.row, packed.col, packed.owner
+        ids = packed.inputs.new_zeros((n_rows, packed.width))  # (B, W) the packed answer tokens
+        ids[row, col] = packed.inputs
         real_len = attention_mask.sum(-1)  # (B,)
-        answer_pos = torch.zeros((n_rows, width), dtype=torch.long, device=device)
-        answer_pos[row, col] = real_len[row] + offset_in_answer  # continues the prompt's positions
+        answer_pos = torch.zeros((n_rows, packed.width), dtype=torch.long, device=embeds.device)  # (B, W)
+        answer_pos[row, col] = real_len[row] + packed.offset  # continues the prompt's positions
 
-        all_embeds = torch.cat([embeds, self.llm.get_input_embeddings()(packed).to(embeds.dtype)], dim=1)
-        all_pos = torch.cat([positions, answer_pos], dim=1)
-        mask = _packed_mask(attention_mask.bool(), block, embeds.dtype)
-        first_tokens = answers[:, 0].view(n_rows, n_cands)  # (B, C): every answer's first token
+        all_embeds = torch.cat([embeds, self.llm.get_input_embeddings()(ids).to(embeds.dtype)], dim=1)  # (B, T+W, H)
+        all_pos = torch.cat([positions, answer_pos], dim=1)  # (B, T+W)
+        mask = _packed_mask(attention_mask.bool(), packed.block, embeds.dtype)  # (B, 1, T+W, T+W)
         if _plain_output_layer(self.llm.config):
             # Only the positions that predict an answer token, and only the log-probabilities of those tokens:
             # the log-sum-exp over the vocabulary and one logit per position, never a log-softmax of every
@@ -322,22 +318,27 @@ class ILoraModel(nn.Module):
             h = decoder(inputs_embeds=all_embeds, attention_mask=mask, position_ids=all_pos, use_cache=False)
             h = h.last_hidden_state  # (B, T+W, H)
             t = embeds.shape[1]
+            output_layer = self.llm.get_output_embeddings()
+            if fused_applicable(output_layer):  # frozen: chunked, and no vocabulary in the backward (logprobs.py)
+                first = token_logprobs(h[:, t - 1], output_layer, packed.first)  # (B, C): answer token 0
+                rest = token_logprobs(h[row, t + col], output_layer, packed.targets[:, None]).squeeze(1)  # (N,)
+                return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
             hidden = torch.cat([h[:, t - 1], h[row, t + col]])  # (B + N, H): the prompt's last position, the slots
-            logits = self.llm.get_output_embeddings()(hidden).float()  # (B + N, V)
+            logits = output_layer(hidden).float()  # (B + N, V)
             lse = torch.logsumexp(logits, dim=-1)  # (B + N,)
-            first = logits[:n_rows].gather(1, first_tokens) - lse[:n_rows, None]  # (B, C): answer token 0
-            rest = logits[n_rows:].gather(1, targets[:, None]).squeeze(1) - lse[n_rows:]  # (N,): tokens 1..L-1
+            first = logits[:n_rows].gather(1, packed.first) - lse[:n_rows, None]  # (B, C): answer token 0
+            rest = logits[n_rows:].gather(1, packed.targets[:, None]).squeeze(1) - lse[n_rows:]  # (N,): tokens 1..
             return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
         out = self.llm(  # a backbone that transforms its logits (soft-capping, scaling): its own output
             inputs_embeds=all_embeds,
             attention_mask=mask,
             position_ids=all_pos,
             use_cache=False,
-            logits_to_keep=width + 1,  # the prompt's last position and every packed slot
+            logits_to_keep=packed.width + 1,  # the prompt's last position and every packed slot
         )
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, 1 + W, V)
-        first = logp[:, 0].gather(1, first_tokens)  # (B, C): answer token 0
-        rest = logp[row, 1 + col].gather(1, targets[:, None]).squeeze(1)  # (N,): tokens 1..L-1
+        first = logp[:, 0].gather(1, packed.first)  # (B, C): answer token 0
+        rest = logp[row, 1 + col].gather(1, packed.targets[:, None]).squeeze(1)  # (N,): tokens 1..L-1
         return first.reshape(-1).index_add(0, owner, rest).view(n_rows, n_cands)
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:

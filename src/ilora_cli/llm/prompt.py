@@ -16,11 +16,14 @@ the end-of-answer token (the tokenizer's EOS), which is trained so that generati
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .packing import PackedAnswers
 
 HISTORY_TOKEN = "[HistoryEmb]"
 CANDIDATE_TOKEN = "[CansEmb]"
@@ -59,14 +62,21 @@ class PromptBatch:
     history_len: torch.Tensor  # (B,)
     candidates: torch.Tensor  # (B, C) candidate item ids
     candidates_listed: bool = True  # whether the prompt names the candidates (not with the item head)
+    packed: PackedAnswers | None = None  # where the candidates' titles go behind the prompt (title scoring)
 
-    def to(self, device) -> PromptBatch:
+    def to(self, device, non_blocking: bool = False) -> PromptBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> PromptBatch:
+        """The same batch in page-locked host memory, from which a GPU copies asynchronously."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> PromptBatch:
+        tensors = (self.input_ids, self.attention_mask, self.labels, self.history, self.history_len, self.candidates)
         return PromptBatch(
-            *(t.to(device) if t is not None else None for t in (self.input_ids, self.attention_mask, self.labels)),
-            self.history.to(device),
-            self.history_len.to(device),
-            self.candidates.to(device),
+            *(fn(t) if t is not None else None for t in tensors),
             self.candidates_listed,
+            self.packed._map(fn) if self.packed is not None else None,
         )
 
 
@@ -105,9 +115,13 @@ class PromptBuilder:
         self.candidate_id = tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)
         if hybrid and (self.history_id == tokenizer.unk_token_id or self.candidate_id == tokenizer.unk_token_id):
             raise ValueError("the tokenizer lacks the placeholder tokens; use add_placeholder_tokens first")
+        self.user_id = tokenizer.convert_tokens_to_ids(USER_TOKEN) if user_token else None
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._answers: dict[int, list[int]] = {}
+        # Batches are built on a background thread while training steps run (training/loop.py, Prefetcher), and
+        # validation builds its own meanwhile: one tokenizer call at a time.
+        self._lock = threading.Lock()
 
     def _items(self, items: Sequence[int], token: str) -> str:
         if self.template_set == "compact":
@@ -144,15 +158,31 @@ class PromptBuilder:
         ]
         bos = self.tokenizer.bos_token_id
         head = [bos] if bos is not None and bos != self.eos_id else []
-        return [head + ids for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        with self._lock:
+            encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [head + ids for ids in encoded]
 
     def answer_ids(self, item: int) -> list[int]:
         """`` <title><eos>`` — the continuation after the prompt (cached per item)."""
         ids = self._answers.get(item)
         if ids is None:
-            ids = self.tokenizer(" " + self.titles[item], add_special_tokens=False)["input_ids"] + [self.eos_id]
+            with self._lock:
+                ids = self.tokenizer(" " + self.titles[item], add_special_tokens=False)["input_ids"] + [self.eos_id]
             self._answers[item] = ids
         return ids
+
+    def _check_placeholders(self, ids: np.ndarray, n_history: list[int], n_candidates: list[int]) -> None:
+        """Every prompt of ``ids`` (B, T) holds one placeholder per kept history item and listed candidate (and one
+        user placeholder with the user token): the model fills them in order (:meth:`ILoraModel.embed`)."""
+        listed = n_candidates if self.list_candidates else [0] * len(ids)
+
+        def count(token) -> list[int]:
+            return (ids == token).sum(1).tolist()  # (B,) per row
+
+        if count(self.history_id) != n_history or count(self.candidate_id) != listed:
+            raise RuntimeError("placeholder count does not match the number of history/candidate items")
+        if self.user_token and count(self.user_id) != [1] * len(ids):
+            raise RuntimeError("every prompt must hold exactly one user placeholder")
 
     def batch(
         self,
@@ -174,6 +204,7 @@ class PromptBuilder:
             answer = self.answer_ids(targets[i]) if targets is not None else []
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
+        kept = [list(h)[-max_history:] for h in histories]
         lengths = np.array([len(r) for r in rows])  # (B,)
         width = int(lengths.max())
         pos = np.arange(width)[None, :]  # (1, T)
@@ -183,7 +214,8 @@ class PromptBuilder:
         ids[real] = np.concatenate(rows)
         lab = np.full(real.shape, -100, dtype=np.int64)
         lab[real] = np.concatenate(labels)
-        kept = [list(h)[-max_history:] for h in histories]
+        if self.hybrid:
+            self._check_placeholders(ids, [len(h) for h in kept], [len(c) for c in candidates])
         hist = np.full((len(rows), max_history), pad_id, dtype=np.int64)
         hist[np.arange(max_history)[None, :] < np.array([len(h) for h in kept])[:, None]] = np.concatenate(
             [np.asarray(h, dtype=np.int64) for h in kept]

@@ -9,6 +9,7 @@ by score-mode evaluation (without).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from .model import ILoraModel
+from .packing import PackedAnswers
 from .prompt import PromptBatch, PromptBuilder
 
 
@@ -29,6 +31,13 @@ def pad_answers(builder: PromptBuilder, items: Sequence[Sequence[int]]) -> tuple
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
+def with_answers(builder: PromptBuilder, prefix: PromptBatch) -> PromptBatch:
+    """``prefix`` (on the host) with the layout of its candidates' answers packed behind it (llm/packing.py):
+    tokenized and laid out here, while the batch is built, so that scoring it reads nothing back from a GPU."""
+    answers, answer_mask = pad_answers(builder, prefix.candidates.tolist())
+    return dataclasses.replace(prefix, packed=PackedAnswers.from_padded(answers, answer_mask, len(prefix.candidates)))
+
+
 def candidate_logprobs(
     model: ILoraModel,
     builder: PromptBuilder,
@@ -38,22 +47,26 @@ def candidate_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (B, C) of each candidate's title after the prompt, and the gates (B, K).
 
-    ``prefix`` must be left-padded (every row ends at its last prompt token) and carry no labels.
+    ``prefix`` must be left-padded (every row ends at its last prompt token) and carry no labels. When it
+    carries the layout of ``candidates``' answers (:func:`with_answers`), it is used; else it is made here.
     ``normalize``: ``sum`` of token log-probabilities, or their ``mean`` (length-normalised).
     ``model`` may be a DDP-wrapped :class:`ILoraModel`: the computation runs inside its ``forward``.
     """
     if prefix.labels is not None:
         raise ValueError("the prefix batch must not contain answers")
-    answers, answer_mask = pad_answers(builder, candidates.tolist())
-    device = prefix.input_ids.device
-    scores, gates = model(prefix, answers=answers.to(device), answer_mask=answer_mask.to(device))  # (B, C)
-    return normalise_scores(scores, answer_mask.to(device), normalize), gates
+    packed = prefix.packed if candidates is prefix.candidates else None
+    if packed is None:
+        answers, answer_mask = pad_answers(builder, candidates.tolist())
+        packed = PackedAnswers.from_padded(answers, answer_mask, len(candidates)).to(prefix.input_ids.device)
+    scores, gates = model(prefix, packed=packed)  # (B, C)
+    return normalise_scores(scores, packed.lengths, normalize), gates
 
 
-def normalise_scores(scores: torch.Tensor, answer_mask: torch.Tensor, normalize: str) -> torch.Tensor:
-    """(B, C) summed log-probabilities as they are (``sum``) or divided by each title's token count (``mean``)."""
+def normalise_scores(scores: torch.Tensor, lengths: torch.Tensor, normalize: str) -> torch.Tensor:
+    """(B, C) summed log-probabilities as they are (``sum``) or divided by each title's token count (``mean``);
+    ``lengths`` (B*C,) those counts."""
     if normalize == "mean":
-        return scores / answer_mask.sum(-1).view_as(scores)
+        return scores / lengths.view_as(scores)
     if normalize != "sum":
         raise ValueError(f"unknown normalisation {normalize!r}")
     return scores

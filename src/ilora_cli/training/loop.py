@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,13 +248,18 @@ def ensure_encoder(config: TrainConfig, dataset) -> tuple[Any, dict[str, Any]]:
 
 
 def build_batch(builder, samples, objective: str, pad_id: int, max_history: int):
-    """The PromptBatch (and targets) of a list of samples for one objective."""
+    """The PromptBatch (and targets) of a list of samples for one objective, on the host; for title scoring with
+    the layout of the candidates' answers (llm/packing.py)."""
+    from ..llm.scoring import with_answers
+
     hist = [s.history for s in samples]
     cands = [s.candidates for s in samples]
     templates = [s.template for s in samples]
     if objective == "generate":
         return builder.batch(hist, cands, [s.target for s in samples], templates, pad_id, max_history), None
     prefix = builder.batch(hist, cands, None, templates, pad_id, max_history, padding_side="left")
+    if builder.list_candidates:  # the title head scores the titles of the candidates it lists
+        prefix = with_answers(builder, prefix)
     return prefix, torch.tensor([s.target_index for s in samples])
 
 
@@ -261,7 +267,8 @@ def batch_loss(
     model, unwrapped, scorer, builder, batch, target_index, config
 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """The training objective of one batch (on ``model``, which may be DDP-wrapped; ``unwrapped`` is the
-    :class:`~ilora_cli.llm.model.ILoraModel` itself), its terms as floats, and the gates (B, K).
+    :class:`~ilora_cli.llm.model.ILoraModel` itself), its terms (0-d tensors, read from the device once per step by
+    the caller), and the gates (B, K).
 
     ``generate``: the answer tokens' cross-entropy. ``rank``: the listwise loss over the candidates' scores by
     the run's head, plus distillation towards the encoder and the fusion weights' own term (objectives.py).
@@ -296,9 +303,39 @@ def batch_loss(
     # the LLM alone on its own batch: HR@1 and MRR against the label it learns (ties counted pessimistically)
     s = scores.detach().float()
     rank = (s > s.gather(1, target[:, None])).sum(1) + (s == s.gather(1, target[:, None])).sum(1) - 1  # (B,)
-    terms["hr@1"] = float((rank == 0).float().mean())
-    terms["mrr"] = float((1.0 / (rank + 1).float()).mean())
+    terms["hr@1"] = (rank == 0).float().mean()
+    terms["mrr"] = (1.0 / (rank + 1).float()).mean()
     return loss, terms, gates
+
+
+class Prefetcher:
+    """Builds the batches of the next optimisation step on a background thread while the current step runs.
+
+    A step's batches depend on the seed, the epoch and the rows only (training/samples.py), never on the model,
+    so building them ahead changes nothing that is computed; on a GPU the host's tokenizing and padding then
+    overlap the device's work instead of idling it between steps.
+    """
+
+    def __init__(self, build):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._build = build  # step -> that step's batches
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ilora-batches")
+        self._next = None  # (step, future) being built
+
+    def get(self, step: int, ahead: bool = True):
+        """The batches of ``step`` (built ahead when it is the step that was expected), and with ``ahead`` the
+        next step's started."""
+        pending, self._next = self._next, None
+        batches = pending[1].result() if pending is not None and pending[0] == step else self._build(step)
+        if ahead:
+            self._next = (step + 1, self._pool.submit(self._build, step + 1))
+        return batches
+
+    def close(self) -> None:
+        """Wait for a batch in the making and stop the thread."""
+        self._next = None
+        self._pool.shutdown(wait=True)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -322,6 +359,7 @@ class Trainer:
         self._setup_model()
         self._setup_optimizer()
         self.step_count, self.losses, self.resumed_from, self.kept = 0, [], None, None
+        self.prefetcher, self._clip_groups = None, None  # made at the first step
         if config.resume:
             self._resume()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -630,55 +668,79 @@ class Trainer:
             err.print(f"Resuming from {self.resumed_from} at step {self.step_count}.")
 
     # -- one optimisation step -----------------------------------------------------------------------
-    def micro_batch(self, micro: int):
-        """The samples of micro-step ``micro`` of the current step for this process (deterministic)."""
+    def micro_batch(self, micro: int, step: int | None = None):
+        """The samples of micro-step ``micro`` of ``step`` (default: the current step) for this process
+        (deterministic: they depend on the seed, the epoch and the row only)."""
         config, world = self.config, self.accelerator.num_processes
-        global_micro = self.step_count * config.grad_accum + micro
+        global_micro = (self.step_count if step is None else step) * config.grad_accum + micro
         epoch, pos = divmod(global_micro, self.micro_per_epoch)
         order = self.samples.order(epoch)
         start = (pos * world + self.accelerator.process_index) * config.batch_size
         return [self.samples.sample(r, epoch) for r in order[start : start + config.batch_size]]
 
-    def loss(self, batch_samples) -> tuple[torch.Tensor, dict[str, float]]:
-        """The objective of one micro-batch, and its terms."""
-        config, device, model = self.config, self.accelerator.device, self.model
-        batch, target_index = build_batch(
-            self.builder, batch_samples, config.objective, self.dataset.pad_id, self.dataset.max_history
-        )
-        loss, terms, _ = batch_loss(
-            model, self.unwrapped, self.scorer, self.builder, batch.to(device), target_index, config
-        )
-        return loss, terms
+    def step_batches(self, step: int) -> list[tuple[Any, torch.Tensor | None]]:
+        """The (PromptBatch, targets) of every micro-step of ``step``, built on the host (in page-locked memory
+        when training on a GPU, so that the copy to it runs asynchronously)."""
+        config, pin = self.config, self.accelerator.device.type == "cuda"
+        out = []
+        for micro in range(config.grad_accum):
+            batch, target_index = build_batch(
+                self.builder,
+                self.micro_batch(micro, step),
+                config.objective,
+                self.dataset.pad_id,
+                self.dataset.max_history,
+            )
+            out.append((batch.pin_memory(), target_index) if pin else (batch, target_index))
+        return out
 
     def step(self) -> tuple[float, dict[str, float]]:
-        """One optimisation step (``grad_accum`` micro-steps); returns its loss and terms, averaged."""
-        config, accelerator = self.config, self.accelerator
-        step_loss, step_terms = 0.0, {}
-        for micro in range(config.grad_accum):
+        """One optimisation step (``grad_accum`` micro-steps); returns its loss and terms, averaged.
+
+        The step's batches were built on a background thread while the previous step ran (:class:`Prefetcher`),
+        and the loss and its terms are read from the device once, at the end of the step.
+        """
+        config, accelerator, device = self.config, self.accelerator, self.accelerator.device
+        if self.prefetcher is None:
+            self.prefetcher = Prefetcher(self.step_batches)
+        batches = self.prefetcher.get(self.step_count, ahead=self.step_count + 1 < self.total_steps)
+        losses, step_terms = [], {}
+        for batch, target_index in batches:
             with accelerator.accumulate(self.model):
-                loss, terms = self.loss(self.micro_batch(micro))
+                loss, terms, _ = batch_loss(
+                    self.model,
+                    self.unwrapped,
+                    self.scorer,
+                    self.builder,
+                    batch.to(device, non_blocking=True),
+                    target_index,
+                    config,
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     self._clip_gradients()
                 self.optimizer.step()
                 self.optimizer.zero_grad()
-            step_loss += loss.detach().float().item() / config.grad_accum
+            losses.append(loss.detach().double())
             for k, v in terms.items():
-                step_terms[k] = step_terms.get(k, 0.0) + v / config.grad_accum
+                step_terms[k] = step_terms.get(k, 0.0) + v.double() / config.grad_accum
         self.scheduler.step()
         self.step_count += 1
-        step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
-        return step_loss, step_terms
+        step_loss = accelerator.reduce((sum(losses) / config.grad_accum).float(), "mean")
+        values = torch.stack([step_loss.double(), *step_terms.values()]).tolist()  # the step's one read
+        return values[0], dict(zip(step_terms, values[1:]))
 
     def _clip_gradients(self) -> None:
         """Clip the model's gradient norm to max_grad_norm, the fusion weights' on their own: two numbers with
         gradients of order 1 would otherwise be scaled down with the millions of LoRA weights."""
-        groups = self.unwrapped.trainable_parameters()
-        fusion = {id(p) for p in groups["fusion"]}
-        model_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in fusion]
+        if self._clip_groups is None:
+            fusion = self.unwrapped.trainable_parameters()["fusion"]
+            ids = {id(p) for p in fusion}
+            self._clip_groups = ([p for p in self.model.parameters() if p.requires_grad and id(p) not in ids], fusion)
+        model_params, fusion = self._clip_groups
         self.accelerator.clip_grad_norm_(model_params, self.config.max_grad_norm)
-        if groups["fusion"]:
-            torch.nn.utils.clip_grad_norm_(groups["fusion"], self.config.max_grad_norm)
+        if fusion:
+            torch.nn.utils.clip_grad_norm_(fusion, self.config.max_grad_norm)
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -686,7 +748,7 @@ class Trainer:
         self._start_tracking()
         self.model.train()
         train_seconds, done_samples, estimate_printed = 0.0, 0, False
-        with progress(disable=config.quiet or not main) as bar:
+        with progress(disable=config.quiet or not main) as bar, _closing(self):
             task = bar.add_task("train", total=self.total_steps, completed=self.step_count, info="")
             while self.step_count < self.total_steps:
                 if config.stop_after is not None and self.step_count >= config.stop_after:
@@ -1057,6 +1119,17 @@ class Trainer:
                 k: summary[k] for k in ("steps", "final_loss", "samples_seen", "processes", "kept") if k in summary
             },
         }
+
+
+@contextmanager
+def _closing(trainer: Trainer):
+    """Stop the trainer's batch prefetching when its loop ends, however it ends."""
+    try:
+        yield
+    finally:
+        if trainer.prefetcher is not None:
+            trainer.prefetcher.close()
+            trainer.prefetcher = None
 
 
 def is_trained_weight(name: str) -> bool:

@@ -50,16 +50,17 @@ def rank_loss(
     distill_weight: float = 0.0,
     temperature: float = 1.0,
     fusion=None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The whole ``rank`` objective (module doc) and its terms as floats, for the training log."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The whole ``rank`` objective (module doc) and its terms as detached 0-d tensors, for the training log (read
+    from the device once per step, with the loss)."""
     loss = listwise_loss(llm, target)
-    terms = {"listwise": float(loss.detach())}
+    terms = {"listwise": loss.detach()}
     if distill_weight > 0:
         kd = distillation_loss(llm, encoder, temperature)
         loss = loss + distill_weight * kd
-        terms["distill"] = float(kd.detach())
+        terms["distill"] = kd.detach()
     if fusion is not None:  # a Fusion module: (s, e) -> a · s + b · e
         fused = listwise_loss(fusion(llm.detach(), encoder), target)
         loss = loss + fused
-        terms["fused"] = float(fused.detach())
+        terms["fused"] = fused.detach()
     return loss, terms

@@ -310,7 +310,11 @@ def test_gradient_accumulation_equals_the_larger_batch_and_resumes_mid_cycle_exa
     abandoned = Trainer(_cfg(world, name="ga-part", batch_size=4, grad_accum=2, resume=True, **common))
     assert abandoned.step_count == 2
     with abandoned.accelerator.accumulate(abandoned.model):  # micro-step 0 of step 3, then the process "dies"
-        loss, _ = abandoned.loss(abandoned.micro_batch(0))
+        from ilora_cli.training.loop import batch_loss
+
+        batch, target_index = abandoned.step_batches(abandoned.step_count)[0]
+        a = abandoned
+        loss, _, _ = batch_loss(a.model, a.unwrapped, a.scorer, a.builder, batch, target_index, a.config)
         abandoned.accelerator.backward(loss)
     assert not abandoned.accelerator.sync_gradients
     del abandoned

@@ -82,3 +82,14 @@ def test_check_minimums_lets_unset_optionals_pass():
     check_minimums(C(), {"a": 1, "b": 5})
     with pytest.raises(UserError, match="b must be at least 5; got 4"):
         check_minimums(C(b=4), {"a": 1, "b": 5})
+
+
+def test_a_single_value_is_a_list_of_one():
+    """``validate_at=96`` on the command line: a list setting given one number holds that number."""
+    from ilora_cli.config import resolve
+    from ilora_cli.training.loop import TrainConfig
+
+    assert resolve(TrainConfig, overrides=["validate_at=96"]).validate_at == [96]
+    assert resolve(TrainConfig, overrides=["validate_at=8,16"]).validate_at == [8, 16]
+    with pytest.raises(UserError, match="validate_at must be a list"):
+        resolve(TrainConfig, overrides=["validate_at=true"])

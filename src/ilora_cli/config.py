@@ -55,6 +55,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # validate_at=96: a list of one
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{name} must be a list; got {value!r}.")
         inner = args[0] if args else Any

@@ -22,5 +22,12 @@ echo "== 4/5 eval: the run and the encoder alone, on the same candidates =="
 echo "== 5/5 recommend: one user's history (titles or ids) =="
 "$ILORA" recommend --run synthetic-demo --user-history "$here/history_synthetic.json" --top-k 5
 
+cat <<'NOTE'
+How to read step 4: at the demo's budget (10 steps of 8, under a minute of training) the language model alone
+ranks far below the encoder (on the 60 val users, HR@1 about 0.17 against 0.58; 40 steps do not change that),
+so the default ranking, which fuses the two with learned weights, stays at the encoder's level and its LLM weight
+stays small. On LastFM the default run (the item head, 321 steps, about 7 minutes on one CPU thread) brings the
+language model alone to the encoder's level: README, CPU defaults.
+NOTE
 echo "Done. Artifacts are in $home; the run's card is $home/runs/synthetic-demo/README.md and its pictures are"
 ls "$home/runs/synthetic-demo/plots/"*.png

@@ -102,7 +102,8 @@ def test_keep_best_loads_the_best_weights_into_the_run(world, settings, best):
     from ilora_cli.training.loop import Trainer
 
     name = f"best-{best}"
-    trainer = Trainer(_cfg(world, name=name, max_steps=3, experts=2, validate_at=[1], keep_best=True, **settings))
+    cfg = _cfg(world, name=name, max_steps=3, experts=2, validate_at=[1], keep_best=True, head="title", **settings)
+    trainer = Trainer(cfg)
     trainer.run()
     val = [json.loads(x) for x in (world / "runs" / name / "logs" / "validation.jsonl").read_text().splitlines()]
     mrr = {v["step"]: v["val"]["fused"]["mrr"] for v in val}

@@ -38,6 +38,7 @@ def trained(tiny_world):
                     backbone=str(tiny_world / "tiny-backbone"),
                     name=name,
                     experts=k,
+                    head="title",  # the paper's head: generate mode and retrieval (tests/test_heads.py: the item head)
                     max_steps=2,
                     batch_size=4,
                     candidates=6,
@@ -223,6 +224,7 @@ def test_a_run_trained_on_mean_scores_is_evaluated_on_mean_scores(world, tmp_pat
             dataset="cyc",
             backbone=str(world / "tiny-backbone"),
             name="ev-mean",
+            head="title",
             normalize="mean",
             max_steps=1,
             batch_size=4,

@@ -258,4 +258,4 @@ def test_the_catalogue_loss_is_the_cross_entropy_over_every_item():
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert set(terms) == {"listwise", "hr@1", "mrr"} and gates.shape == (3, 4)
     with pytest.raises(Exception, match="only the item head"):
-        TrainConfig(loss_over="catalogue").validate()
+        TrainConfig(head="title", loss_over="catalogue").validate()

@@ -38,6 +38,7 @@ PROMPTS = ("hybrid", "text")
 FUSIONS = ("learned", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
 _RESUME_HINT = "the last checkpoint is intact: free some space and pass --resume."
+DEFAULT_ITEM_EPOCHS = 3.0  # the item head's default passes over its rows (docs/BENCHMARKS.md: the item head)
 DEFAULT_DISTILL_WEIGHT = 0.0  # the rank objective's distillation weight (docs/BENCHMARKS.md: the measurement)
 
 
@@ -63,16 +64,18 @@ class TrainConfig:
     target_modules: str = "all-linear"  # which linear layers get LoRA (peft syntax; comma list allowed)
     prompt: str = "hybrid"  # hybrid (projected item embeddings in the prompt) or text (TALLRec-style)
     objective: str = "rank"  # rank (listwise over candidates) or generate (answer cross-entropy, title head)
-    head: str = "title"  # title (candidates listed, scored by their titles' likelihood) or item ((W h) · e_c of
-    # the encoder's item embeddings after a history-only prompt; ranks the whole catalogue; llm/heads.py)
-    head_init: str = "random"  # item head W: random (std 0.02), zeros, or fit (least squares onto the encoder's
-    # user representations of 256 training rows before the first step)
+    head: str | None = None  # item ((W h) · e_c of the encoder's item embeddings after a history-only prompt;
+    # ranks the whole catalogue) or title (candidates listed, scored by their titles' likelihood: the paper's);
+    # None: item for the rank objective, title for generate (llm/heads.py; docs/BENCHMARKS.md)
+    head_init: str = "fit"  # item head W: fit (least squares onto the encoder's user representations of 256
+    # training rows before the first step: measured best, docs/BENCHMARKS.md), random (std 0.02) or zeros
     head_lr: float | None = None  # item head learning rate (default: projector_lr)
     projector_norm: str = "none"  # none, or token: projected item/user vectors rescaled to the token norm
     normalize: str = "mean"  # candidate score: mean or sum of title token log-probs (rank objective, eval)
     templates: str = "compact"  # prompt template set: compact (a third fewer tokens, 0.6x the step time on
     # LastFM) or ilora-v1 (paraphrases with every history title; docs/BENCHMARKS.md)
-    user_token: bool = False  # compact hybrid prompts end with the encoder's user representation ([UserEmb])
+    user_token: bool | None = None  # compact hybrid prompts end with the encoder's user representation
+    # ([UserEmb]); None: with the item head (on hybrid, compact prompts), not with the title head
     distill_weight: float | None = None  # λ of the KL term towards the encoder's softmax over the candidates
     # (rank objective; None: the objective's default)
     distill_temperature: float = 1.0  # τ of that KL term (both softmaxes)
@@ -95,7 +98,8 @@ class TrainConfig:
     batch_size: int = 8  # samples per process per micro-step
     grad_accum: int = 1  # micro-steps per optimisation step
     max_grad_norm: float = 1.0  # gradient clipping
-    epochs: float = 1.0  # passes over the (possibly limited) training rows
+    epochs: float | None = None  # passes over the (possibly limited) training rows; None: 3 with the item head
+    # (its steps are cheap and it still learns in the third), 1 with the title head
     max_steps: int | None = None  # exact number of optimisation steps (overrides epochs)
     max_train_samples: int | None = None  # train on a fixed, seeded subset of this many rows
     stop_after: int | None = None  # stop after this many steps with a checkpoint, to --resume later
@@ -113,10 +117,11 @@ class TrainConfig:
     quiet: bool = False  # no progress display
 
     def validate(self) -> None:
-        if self.gate not in GATE_TYPES:
-            raise UserError(f"Unknown gate {self.gate!r}; choose one of: {', '.join(GATE_TYPES)}.")
         if self.objective not in OBJECTIVES:
             raise UserError(f"Unknown objective {self.objective!r}; choose rank or generate.")
+        self._resolve_head_defaults()
+        if self.gate not in GATE_TYPES:
+            raise UserError(f"Unknown gate {self.gate!r}; choose one of: {', '.join(GATE_TYPES)}.")
         if self.normalize not in ("sum", "mean"):
             raise UserError(f"normalize must be sum or mean; got {self.normalize!r}.")
         if self.prompt not in PROMPTS:
@@ -190,6 +195,15 @@ class TrainConfig:
         for name in ("warmup_ratio", "min_lr_ratio", "hard_negatives"):
             check_range(self, name, low=0, high=1)
         check_range(self, "lora_dropout", low=0, high=1, high_open=True)
+
+    def _resolve_head_defaults(self) -> None:
+        """Fill in the head and the settings whose default depends on it (user token, epochs)."""
+        if self.head is None:
+            self.head = "item" if self.objective == "rank" else "title"
+        if self.user_token is None:
+            self.user_token = self.head == "item" and self.prompt == "hybrid" and self.templates == "compact"
+        if self.epochs is None:
+            self.epochs = DEFAULT_ITEM_EPOCHS if self.head == "item" else 1.0
 
     def _resolve_objective_defaults(self) -> None:
         """Fill in the settings whose default depends on the objective; refuse rank-only settings with generate."""
@@ -505,7 +519,9 @@ class Trainer:
             list_candidates=self.scorer.lists_candidates,
         )
         self.head_fit = None
-        if config.head == "item" and config.head_init == "fit" and not config.resume:
+        if config.head == "item" and config.head_init == "fit":
+            # on --resume too: a run stopped before its first checkpoint starts afresh, and one that resumes
+            # from a checkpoint replaces W (and the random state) with the checkpoint's
             self.head_fit = self._fit_head()
         self.load_seconds = time.perf_counter() - t_load
 
@@ -774,8 +790,7 @@ class Trainer:
                     err.print(
                         f"≈{per:.1f} s/step: about {(self.total_steps - step) * per / 60:.1f} min left for this run "
                         f"(a full epoch of the {self.holdout['rows']:,} rows it may train on would take "
-                        f"≈{self.holdout['rows'] / sps / 3600:.1f} h "
-                        "at this speed)."
+                        f"≈{_hours_or_minutes(self.holdout['rows'] / sps)} at this speed)."
                     )
                     estimate_printed = True
                 if main and (step % config.log_every == 0 or step == self.total_steps):
@@ -1184,3 +1199,8 @@ def _tracker(report_to: str) -> str | None:
         extra = "tensorboard" if report_to == "tensorboard" else "wandb"
         raise UserError(f"--report-to {report_to} needs {extra}: pip install 'ilora[{extra}]'.")
     return report_to
+
+
+def _hours_or_minutes(seconds: float) -> str:
+    """A duration as people say it in a progress note: "1.3 h" from an hour on, else "12 min"."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"

@@ -147,6 +147,20 @@ def test_dry_run_writes_nothing(tiny_world, tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_dry_run_counts_the_rows_the_holdout_leaves_the_second_stage(tiny_world, tmp_path, monkeypatch):
+    """Before: the estimate counted every train row, as if the run trained on the rows its encoder fitted."""
+    from ilora_cli.data.holdout import dataset_holdout, partition
+
+    monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    ds = PreparedDataset(tiny_world / "datasets" / "cyc")
+    held = len(partition(ds, dataset_holdout(ds)).second_stage_rows)
+    every = ds.meta["splits"]["train"]
+    assert 0 < held < every
+    for extra, rows, epochs in (([], held, 3), (["holdout=none"], every, 3), (["head=title"], held, 1)):
+        plan = _ablate(tiny_world, tmp_path / "dry", extra, experts="1", dry_run=True)
+        assert plan["cells"][0]["steps"] == rows // 4 * epochs, extra
+
+
 def test_candidates_and_train_fraction_axes(tiny_world, tmp_path, monkeypatch):
     monkeypatch.setenv("ILORA_HOME", str(tiny_world))
     out = tmp_path / "sparse"

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,11 @@ CHECKPOINT_EVERY = 10
 
 # Reference costs on a 2-core CPU with the default backbone (docs/BENCHMARKS.md), for --dry-run estimates
 # before any cell of the ablation has been measured.
-REFERENCE_SECONDS_PER_SAMPLE = {"rank": 15.3 / 8, "generate": 12.6 / 8}
+REFERENCE_SECONDS_PER_SAMPLE = {"rank": 15.3 / 8, "generate": 12.6 / 8}  # the title head
+REFERENCE_ITEM_SECONDS_PER_SAMPLE = 0.15  # the item head (LastFM, 2,568 samples in 5.8-8.7 min on one thread)
 REFERENCE_TEXT_FACTOR = 0.87  # text-only prompts are about 13% cheaper per step
 REFERENCE_EVAL_SECONDS = 8.43 / 16  # one user, one draw of 20 candidates, score mode
+REFERENCE_ITEM_EVAL_SECONDS = 0.05  # one user, every draw: the item head scores them all from one forward
 REFERENCE_ENCODER_SECONDS_PER_ROW_EPOCH = 4.19 / 47_872
 
 
@@ -58,6 +60,7 @@ class Plan:
     eval_dataset: PreparedDataset | None
     cells: list[Cell]
     reference: Cell
+    second_stage_rows: dict[str, int] = field(default_factory=dict)  # holdout spec -> rows (dry-run estimates)
 
 
 def plan(config: AblateConfig) -> Plan:
@@ -307,6 +310,7 @@ def _train(p: Plan, cell: Cell) -> bool:
         "samples": (summary["steps"] - _resumed_step(summary)) * config.batch_size * config.grad_accum,
         "objective": config.objective,
         "prompt": config.prompt,
+        "head": config.head,
     }
     append_json_line(
         p.directory / "logs" / f"{cell.train_key}.jsonl",
@@ -470,17 +474,17 @@ def dry_run(p: Plan) -> dict[str, Any]:
         tc = _cell_train_config(p, cell)
         steps, per_step = _steps(p, cell, tc)
         train_s = eval_s = None
-        per_sample = measured.get((tc.objective, tc.prompt)) or (
-            REFERENCE_SECONDS_PER_SAMPLE[tc.objective] * (REFERENCE_TEXT_FACTOR if tc.prompt == "text" else 1)
-            if default_backbone
-            else None
-        )
+        reference = _reference_seconds_per_sample(tc)
+        per_sample = measured.get((tc.objective, tc.prompt, tc.head)) or (reference if default_backbone else None)
         if per_sample is not None and status != "finished":
             first = cell.train_key not in seen_runs
             train_s = (steps - done_steps) * per_step * per_sample if first and status != "trained" else 0.0
             n_rows, draws, n_cands = _eval_size(p, cell)
-            speed = per_sample / REFERENCE_SECONDS_PER_SAMPLE["rank"]  # this machine and backbone against the reference
-            eval_s = n_rows * draws * n_cands / 20 * REFERENCE_EVAL_SECONDS * speed
+            speed = per_sample / reference  # this machine and backbone against the reference
+            if tc.head == "item":
+                eval_s = n_rows * REFERENCE_ITEM_EVAL_SECONDS * speed
+            else:
+                eval_s = n_rows * draws * n_cands / 20 * REFERENCE_EVAL_SECONDS * speed
         seen_runs.add(cell.train_key)
         rows.append(
             {
@@ -534,8 +538,27 @@ def _cell_train_config(p: Plan, cell: Cell):
     return resolve(TrainConfig, None, {**cell.train, "dataset": str(p.dataset.path)})
 
 
+def _reference_seconds_per_sample(tc) -> float:
+    """Seconds per training sample of the default backbone on a 2-core CPU, by head, objective and prompt."""
+    if tc.head == "item":
+        return REFERENCE_ITEM_SECONDS_PER_SAMPLE
+    return REFERENCE_SECONDS_PER_SAMPLE[tc.objective] * (REFERENCE_TEXT_FACTOR if tc.prompt == "text" else 1)
+
+
+def _second_stage_rows(p: Plan, tc) -> int:
+    """How many train rows a cell's run learns on: those its holdout leaves the second stage (all with none)."""
+    from ..data.holdout import NO_HOLDOUT, dataset_holdout, partition
+
+    spec = tc.holdout or dataset_holdout(p.dataset)
+    if spec == NO_HOLDOUT:
+        return int(p.dataset.meta["splits"]["train"])
+    if spec not in p.second_stage_rows:
+        p.second_stage_rows[spec] = int(len(partition(p.dataset, spec).second_stage_rows))
+    return p.second_stage_rows[spec]
+
+
 def _steps(p: Plan, cell: Cell, tc) -> tuple[int, int]:
-    rows = int(p.dataset.meta["splits"]["train"] * cell.train_fraction)
+    rows = int(_second_stage_rows(p, tc) * cell.train_fraction)
     if tc.max_train_samples is not None:
         rows = min(rows, tc.max_train_samples)
     per_step = tc.batch_size * tc.grad_accum
@@ -552,14 +575,15 @@ def _eval_size(p: Plan, cell: Cell) -> tuple[int, int, int]:
     return rows, draws, cell.candidates or int(ds.meta["n_candidates"])
 
 
-def _measured_seconds_per_sample(p: Plan) -> dict[tuple[str, str], float]:
-    """Wall seconds per training sample of this ablation's attempts, by (objective, prompt)."""
-    totals: dict[tuple[str, str], list[float]] = {}
+def _measured_seconds_per_sample(p: Plan) -> dict[tuple[str, str, str], float]:
+    """Wall seconds per training sample of this ablation's attempts, by (objective, prompt, head)."""
+    totals: dict[tuple[str, str, str], list[float]] = {}
     logs = p.directory / "logs"
     for f in sorted(logs.glob("*.jsonl")) if logs.is_dir() else []:
         for a in json_lines(f):
             if _number(a.get("samples")) and _number(a.get("seconds")) and a.get("samples") > 0:
-                t = totals.setdefault((str(a.get("objective")), str(a.get("prompt"))), [0.0, 0.0])
+                key = (str(a.get("objective")), str(a.get("prompt")), str(a.get("head", "title")))
+                t = totals.setdefault(key, [0.0, 0.0])
                 t[0] += a["seconds"]
                 t[1] += a["samples"]
     return {k: s / n for k, (s, n) in totals.items() if n}

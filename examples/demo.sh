@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What `make demo` runs, end to end on the built-in synthetic dataset and the default backbone
 # (SmolLM2-135M-Instruct), with a CPU-sized budget. Everything goes under $ILORA_HOME
-# (make demo uses ./.ilora-demo). About 3 minutes on a 2-core CPU once .venv exists.
+# (make demo uses ./.ilora-demo). About a minute on an idle 2-core CPU once .venv exists.
 set -euo pipefail
 ILORA=${ILORA:-ilora}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,8 +24,8 @@ echo "== 5/5 recommend: one user's history (titles or ids) =="
 
 cat <<'NOTE'
 How to read step 4: at the demo's budget (10 steps of 8, under a minute of training) the language model alone
-ranks far below the encoder (HR@1 0.17 against 0.58 on the 24 val users of step 4; after 40 steps, 0.18 against
-0.57 on all 60),
+ranks far below the encoder (HR@1 0.13 against 0.54 on the 24 val users of step 4 with two threads, 0.17 against
+0.58 with one; after 40 steps, 0.18 against 0.57 on all 60),
 so the default ranking, which fuses the two with learned weights, stays at the encoder's level and its LLM weight
 stays small. On LastFM the default run (the item head, 321 steps, about 7 minutes on one CPU thread) brings the
 language model alone to the encoder's level: README, CPU defaults.

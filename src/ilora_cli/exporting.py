@@ -16,25 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .home import atomic_directory, write_manifest
+from .home import RUN_CONTENTS, atomic_directory, write_manifest
 
-# What a run directory holds that the copy keeps (missing optional entries are skipped).
-KEEP = (
-    "ilora.json",
-    "config.yaml",
-    "adapter",
-    "projector.safetensors",
-    "user_projector.safetensors",
-    "gate.safetensors",
-    "head.safetensors",
-    "encoder",
-    "items.json",
-    "README.md",
-    "plots",
-    "logs",
-    "evaluations.json",
-    "manifest.json",  # the checksums that eval and recommend verify: the copied files are byte-identical
-)
+# What a run directory holds that the copy keeps (missing optional entries are skipped); manifest.json holds the
+# checksums that eval and recommend verify: the copied files are byte-identical.
+KEEP = RUN_CONTENTS
 REQUIRED = ("ilora.json", "adapter", "gate.safetensors", "encoder", "items.json")
 
 

@@ -167,6 +167,25 @@ def append_json_line(path: Path, record: dict, then: str) -> None:
 
 # -- what --overwrite may replace ------------------------------------------------------------------------
 
+# What a finished run is made of, and what an export copies of it: one list, so that a new weight file is
+# known to --overwrite, export and the manifest alike (exporting.KEEP).
+RUN_CONTENTS = (
+    "ilora.json",
+    "config.yaml",
+    "adapter",
+    "projector.safetensors",
+    "user_projector.safetensors",
+    "gate.safetensors",
+    "head.safetensors",
+    "encoder",
+    "items.json",
+    "README.md",
+    "plots",
+    "logs",
+    "evaluations.json",
+    "manifest.json",
+)
+
 # kind -> (the files or folders that mark it as written by this tool, every name it may hold). --overwrite
 # replaces only a directory that holds one of the markers and nothing else: a folder of other things given as
 # --output (a parent of the home, a project folder) is refused instead of deleted.
@@ -175,47 +194,9 @@ ARTIFACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "encoder": (("encoder.json",), ("encoder.json", "encoder.safetensors")),
     "run": (
         ("config.yaml", "ilora.json", "logs"),  # logs/ is the first thing a new run creates
-        (
-            "ilora.json",
-            "config.yaml",
-            "adapter",
-            "projector.safetensors",
-            "user_projector.safetensors",
-            "gate.safetensors",
-            "head.safetensors",
-            "encoder",
-            "items.json",
-            "logs",
-            "checkpoints",
-            "manifest.json",
-            "README.md",
-            "README.md.tmp",
-            "plots",
-            "evaluations.json",
-            "evaluations.tmp",
-            "predictions-*.jsonl",
-        ),
+        (*RUN_CONTENTS, "checkpoints", "README.md.tmp", "evaluations.tmp", "predictions-*.jsonl"),
     ),
-    "export": (
-        ("ilora.json",),
-        (
-            "ilora.json",
-            "config.yaml",
-            "adapter",
-            "projector.safetensors",
-            "user_projector.safetensors",
-            "gate.safetensors",
-            "head.safetensors",
-            "encoder",
-            "items.json",
-            "README.md",
-            "plots",
-            "logs",
-            "evaluations.json",
-            "manifest.json",
-            "merged",
-        ),
-    ),
+    "export": (("ilora.json",), (*RUN_CONTENTS, "merged")),
     "ablation": (
         ("ablation.json",),
         ("ablation.json", "runs", "cells", "logs", "data", "encoders", "results.json", "results.csv", "plots"),

@@ -33,6 +33,7 @@ from ..console import err
 from ..data.prepared import PreparedDataset, SplitData
 from ..errors import UserError
 from ..home import append_json_line, check_replaceable
+from ..plots import read_jsonl
 from ..training.identity import differences, identity
 from .config import AblateConfig
 from .grid import Cell, axes_of, expand, reference_cell
@@ -179,21 +180,6 @@ def json_doc(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines log, skipping lines that are not (the half-written last line of a killed
-    process, an edited line)."""
-    out = []
-    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
-
-
 def _write_json(path: Path, doc: Any) -> None:
     from ..console import _json_default
 
@@ -328,7 +314,7 @@ def _resumed_step(summary: dict[str, Any]) -> int:
 def train_minutes(p: Plan, cell: Cell) -> float:
     """Wall minutes of every training attempt of the cell's run (loading included)."""
     log = p.directory / "logs" / f"{cell.train_key}.jsonl"
-    return sum(a["seconds"] for a in json_lines(log) if _number(a.get("seconds"))) / 60
+    return sum(a["seconds"] for a in read_jsonl(log) if _number(a.get("seconds"))) / 60
 
 
 def _number(x: Any) -> bool:
@@ -580,7 +566,7 @@ def _measured_seconds_per_sample(p: Plan) -> dict[tuple[str, str, str], float]:
     totals: dict[tuple[str, str, str], list[float]] = {}
     logs = p.directory / "logs"
     for f in sorted(logs.glob("*.jsonl")) if logs.is_dir() else []:
-        for a in json_lines(f):
+        for a in read_jsonl(f):
             if _number(a.get("samples")) and _number(a.get("seconds")) and a.get("samples") > 0:
                 key = (str(a.get("objective")), str(a.get("prompt")), str(a.get("head", "title")))
                 t = totals.setdefault(key, [0.0, 0.0])
@@ -599,6 +585,6 @@ def loss_curves(p: Plan) -> dict[str, list[tuple[int, float]]]:
     for key, group in _by_run(p.cells).items():
         log = run_dir(p, group[0]) / "logs" / "train.jsonl"
         if log.is_file():
-            records = [r for r in json_lines(log) if _number(r.get("step")) and isinstance(r.get("loss"), float)]
+            records = [r for r in read_jsonl(log) if _number(r.get("step")) and isinstance(r.get("loss"), float)]
             out[key] = [(r["step"], r["loss"]) for r in records]
     return out

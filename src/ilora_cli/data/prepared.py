@@ -201,46 +201,22 @@ def write_prepared(
     ``holdout`` (default :data:`~.holdout.DEFAULT_HOLDOUT`) is recorded with the counts of train rows it leaves
     to the encoder and to the second stage (data/holdout.py)."""
     import datasets
-    from datasets import Dataset, Features, Sequence, Value
 
     datasets.disable_progress_bars()
-
-    n_items = len(source.titles)
-    if n_items == 0:
-        raise UserError("The dataset has no items.")
     if n_candidates < 2:
         raise UserError("--candidates must be at least 2 (the target and one negative).")
     if draws < 1:
         raise UserError("--draws must be at least 1.")
-    pad_id = n_items
-    titles = [clean_title(t) for t in source.titles]
-    if any(not t for t in titles):
-        empty = [i for i, t in enumerate(titles) if not t][:5]
-        raise UserError(f"Items {empty} have empty titles.")
-    titles = disambiguate(titles, source.title_hints)
-
-    kept: dict[str, Rows] = {}
-    raw_counts: dict[str, int] = {}
-    for split in SPLITS:
-        rows = source.splits.get(split)
-        if rows is None:
-            continue
-        raw_counts[split] = len(rows)
-        # Validate only what is kept: the published LastFM train file has 976 rows with len_seq 1 and an
-        # all-padding history, which the ≥ min_history filter drops anyway.
-        kept[split] = rows.select(rows.len_seq >= min_history)
-        validate_rows(kept[split], n_items, split, pad_id)
-    if "train" not in kept or len(kept["train"]) == 0:
-        raise UserError(f"The dataset has no training samples with at least {min_history} history items.")
+    titles = _checked_titles(source)
+    n_items = len(titles)
+    kept, raw_counts = _kept_rows(source, n_items, min_history)
     max_history = kept["train"].seq.shape[1]
-    split_of_rows = _holdout_counts(kept["train"], holdout, seed)
-
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "n_items": n_items,
         "n_users": source.n_users,
-        "pad_id": pad_id,
+        "pad_id": n_items,
         "max_history": max_history,
         "min_history": min_history,
         "domain": source.domain,
@@ -251,55 +227,98 @@ def write_prepared(
         "splits": {s: len(r) for s, r in kept.items()},
         "raw_rows": raw_counts,
         "history_lengths": {s: history_histogram(r.len_seq, max_history) for s, r in kept.items()},
-        "holdout": split_of_rows,
+        "holdout": _holdout_counts(kept["train"], holdout, seed),
         "tool_version": __version__,
         "notes": list(source.notes),
     }
     checksums = {"items": _sha256_texts(titles)}
     check_candidate_table(sum(len(r) for s, r in kept.items() if s != "train"), draws, n_candidates)
-
-    item_features = Features(
-        {"item_id": Value("int64"), "title": Value("string"), "source_id": Value("string"), "metadata": Value("string")}
-    )
     with atomic_directory(out_dir, overwrite=overwrite, kind="prepared dataset") as tmp:
-        Dataset.from_dict(
-            {
-                "item_id": list(range(n_items)),
-                "title": titles,
-                "source_id": source.source_ids or [str(i) for i in range(n_items)],
-                "metadata": [json.dumps(m, ensure_ascii=False) for m in source.metadata]
-                if source.metadata
-                else ["{}"] * n_items,
-            },
-            features=item_features,
-        ).save_to_disk(str(tmp / "items"))
+        _write_items(tmp / "items", source, titles)
         for split, rows in kept.items():
-            sample_id = np.arange(len(rows), dtype=np.int64)
-            cols: dict[str, Any] = {
-                "sample_id": sample_id,
-                "seq": rows.seq,
-                "len_seq": rows.len_seq,
-                "next": rows.next,
-                "user": rows.user if rows.user is not None else np.full(len(rows), -1, dtype=np.int64),
-            }
-            feats = {
-                "sample_id": Value("int64"),
-                "seq": Sequence(Value("int64"), length=max_history),
-                "len_seq": Value("int64"),
-                "next": Value("int64"),
-                "user": Value("int64"),
-            }
-            parts = [rows.seq, rows.len_seq, rows.next]
-            if split != "train":
-                cands = draw_candidates(
-                    rows.seq, rows.len_seq, rows.next, sample_id, n_items, n_candidates, draws, seed, split
-                )
-                cols["candidates"] = cands
-                feats["candidates"] = Sequence(Sequence(Value("int64"), length=n_candidates), length=draws)
-                parts.append(cands)
-            checksums[split] = _sha256_arrays(*parts)
-            Dataset.from_dict(cols, features=Features(feats)).save_to_disk(str(tmp / split))
+            draw = (n_items, n_candidates, draws, seed) if split != "train" else None
+            checksums[split] = _write_split(tmp / split, split, rows, max_history, draw)
         meta["checksums"] = checksums
         meta["checksum"] = hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
+
+
+def _checked_titles(source: SourceData) -> list[str]:
+    """The items' cleaned, disambiguated titles; no items or an empty title is refused."""
+    if not source.titles:
+        raise UserError("The dataset has no items.")
+    titles = [clean_title(t) for t in source.titles]
+    if any(not t for t in titles):
+        empty = [i for i, t in enumerate(titles) if not t][:5]
+        raise UserError(f"Items {empty} have empty titles.")
+    return disambiguate(titles, source.title_hints)
+
+
+def _kept_rows(source: SourceData, n_items: int, min_history: int) -> tuple[dict[str, Rows], dict[str, int]]:
+    """Each split's rows with at least ``min_history`` history items (validated), and the raw row counts."""
+    kept: dict[str, Rows] = {}
+    raw_counts: dict[str, int] = {}
+    for split in SPLITS:
+        rows = source.splits.get(split)
+        if rows is None:
+            continue
+        raw_counts[split] = len(rows)
+        # Validate only what is kept: the published LastFM train file has 976 rows with len_seq 1 and an
+        # all-padding history, which the ≥ min_history filter drops anyway.
+        kept[split] = rows.select(rows.len_seq >= min_history)
+        validate_rows(kept[split], n_items, split, n_items)
+    if "train" not in kept or len(kept["train"]) == 0:
+        raise UserError(f"The dataset has no training samples with at least {min_history} history items.")
+    return kept, raw_counts
+
+
+def _write_items(path: Path, source: SourceData, titles: list[str]) -> None:
+    from datasets import Dataset, Features, Value
+
+    n_items = len(titles)
+    features = Features(
+        {"item_id": Value("int64"), "title": Value("string"), "source_id": Value("string"), "metadata": Value("string")}
+    )
+    Dataset.from_dict(
+        {
+            "item_id": list(range(n_items)),
+            "title": titles,
+            "source_id": source.source_ids or [str(i) for i in range(n_items)],
+            "metadata": [json.dumps(m, ensure_ascii=False) for m in source.metadata]
+            if source.metadata
+            else ["{}"] * n_items,
+        },
+        features=features,
+    ).save_to_disk(str(path))
+
+
+def _write_split(path: Path, split: str, rows: Rows, max_history: int, draw: tuple[int, int, int, int] | None) -> str:
+    """Write one split (with its frozen candidate draws when ``draw`` = (n_items, n_candidates, draws, seed));
+    returns the checksum of what it holds."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    sample_id = np.arange(len(rows), dtype=np.int64)
+    cols: dict[str, Any] = {
+        "sample_id": sample_id,
+        "seq": rows.seq,
+        "len_seq": rows.len_seq,
+        "next": rows.next,
+        "user": rows.user if rows.user is not None else np.full(len(rows), -1, dtype=np.int64),
+    }
+    feats = {
+        "sample_id": Value("int64"),
+        "seq": Sequence(Value("int64"), length=max_history),
+        "len_seq": Value("int64"),
+        "next": Value("int64"),
+        "user": Value("int64"),
+    }
+    parts = [rows.seq, rows.len_seq, rows.next]
+    if draw is not None:
+        n_items, n_candidates, draws, seed = draw
+        cands = draw_candidates(rows.seq, rows.len_seq, rows.next, sample_id, n_items, n_candidates, draws, seed, split)
+        cols["candidates"] = cands
+        feats["candidates"] = Sequence(Sequence(Value("int64"), length=n_candidates), length=draws)
+        parts.append(cands)
+    Dataset.from_dict(cols, features=Features(feats)).save_to_disk(str(path))
+    return _sha256_arrays(*parts)

@@ -90,13 +90,13 @@ def test_a_training_step_reads_the_device_once(world, tmp_path, settings, monkey
         cpu = DeviceReads()
         with cpu:
             trainer.step()
-        assert {where.split(":")[0].rsplit("/", 1)[-1] for _, where in cpu.ours} == {"logprobs.py", "loop.py"}
+        assert {where.split(":")[0].rsplit("/", 1)[-1] for _, where in cpu.ours} == {"logprobs.py", "trainer.py"}
     monkeypatch.setattr(logprobs, "subtracts_maximum", lambda device: True)
     reads = DeviceReads()
     with reads:
         loss, terms = trainer.step()
     trainer.prefetcher.close()
-    assert [(name, where.split(":")[0].endswith("training/loop.py")) for name, where in reads.ours] == [
+    assert [(name, where.split(":")[0].endswith("training/trainer.py")) for name, where in reads.ours] == [
         ("tolist", True)
     ], reads.ours
     assert isinstance(loss, float) and all(isinstance(v, float) for v in terms.values()) and "hr@1" in terms

@@ -15,7 +15,7 @@ from .api import encode, evaluate, export, prepare, recommend, serve, train  # n
 _CONFIGS = {
     "PrepareConfig": "ilora_cli.data.prepare",
     "EncodeConfig": "ilora_cli.encoders.train",
-    "TrainConfig": "ilora_cli.training.loop",
+    "TrainConfig": "ilora_cli.training.config",
     "EvalConfig": "ilora_cli.evaluation.evaluate",
     "RecommendConfig": "ilora_cli.evaluation.recommend",
     "ExportConfig": "ilora_cli.exporting",

@@ -50,8 +50,8 @@ def encode(config=None, /, **settings: Any) -> dict[str, Any]:
 
 def train(config=None, /, **settings: Any) -> dict[str, Any]:
     """``ilora train``: train an iLoRA run; returns the summary (``run_dir``, steps, final loss, ...)."""
-    from .training.loop import TrainConfig
-    from .training.loop import train as run
+    from .training.config import TrainConfig
+    from .training.trainer import train as run
 
     return run(_config(TrainConfig, config, settings))
 

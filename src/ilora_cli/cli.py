@@ -252,8 +252,8 @@ def train(
     Runs on one process, or as DDP under `accelerate launch` / `torchrun` (same command line).
     """
     from .config import parse_overrides, resolve
-    from .training.loop import TrainConfig
-    from .training.loop import train as run_train
+    from .training.config import TrainConfig
+    from .training.trainer import train as run_train
 
     flags = dict(
         dataset=dataset,

@@ -25,7 +25,7 @@ from typer.core import TyperCommand
 CONFIGS = {
     "prepare": "ilora_cli.data.prepare:PrepareConfig",
     "encode": "ilora_cli.encoders.train:EncodeConfig",
-    "train": "ilora_cli.training.loop:TrainConfig",
+    "train": "ilora_cli.training.config:TrainConfig",
     "eval": "ilora_cli.evaluation.evaluate:EvalConfig",
     "recommend": "ilora_cli.evaluation.recommend:RecommendConfig",
     "serve": "ilora_cli.serving.config:ServeConfig",

@@ -198,7 +198,7 @@ def user_clusters(encoder, split: SplitData, config: AnalysisConfig, allowed: np
 def cluster_gradients(run, directory: Path, split: SplitData, rows: list[list[int]], config: AnalysisConfig):
     """Per cluster: the summed LoRA gradient of the run's objective; their cosine matrix, norms and mean gates."""
     from ..llm.prompt import TEMPLATE_SETS
-    from ..training.loop import TrainConfig
+    from ..training.config import TrainConfig
     from ..training.samples import TrainSamples
 
     train = resolve(TrainConfig, directory / "config.yaml")
@@ -255,7 +255,8 @@ def cosine_matrix(g: torch.Tensor) -> np.ndarray:
 
 def objective_loss(run, train, samples) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's training objective on one micro-batch (as the training loop computes it), and the gates."""
-    from ..training.loop import batch_loss, build_batch
+    from ..training.batches import build_batch
+    from ..training.loss import batch_loss
 
     info = run.info["dataset"]
     batch, target_index = build_batch(run.builder, samples, train.objective, info["pad_id"], info["max_history"])

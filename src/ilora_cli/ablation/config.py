@@ -62,7 +62,7 @@ class AblateConfig:
     def validate(self) -> None:
         from ..encoders import ENCODERS
         from ..llm.experts import GATE_TYPES
-        from ..training.loop import OBJECTIVES, PROMPTS
+        from ..training.config import OBJECTIVES, PROMPTS
 
         if self.dataset is None:
             raise UserError("Pass --dataset (or --train-dataset) to name the prepared dataset the cells train on.")
@@ -123,7 +123,7 @@ class AblateConfig:
                     )
 
     def _check_train_settings(self) -> None:
-        from ..training.loop import TrainConfig
+        from ..training.config import TrainConfig
 
         managed = sorted(set(self.train) & set(MANAGED))
         if managed:
@@ -146,7 +146,7 @@ class AblateConfig:
 def train_settings(values: dict[str, Any]) -> dict[str, Any]:
     """Shared training settings checked against :class:`TrainConfig`: unknown keys refused, values coerced."""
     from ..config import _field_types
-    from ..training.loop import TrainConfig
+    from ..training.config import TrainConfig
 
     types = _field_types(TrainConfig)
     unknown = sorted(map(str, set(values) - set(types)))
@@ -175,7 +175,7 @@ AXES_ORDER = ("experts", "gates", "encoders", "prompts", "objectives", "train_fr
 def _as_written(values: dict[str, Any], written: dict[str, str]) -> dict[str, Any]:
     """Training settings that hold text (names, paths) as written, not as YAML read them (007, yes)."""
     from ..config import _field_types
-    from ..training.loop import TrainConfig
+    from ..training.config import TrainConfig
 
     types = _field_types(TrainConfig)
     return {k: as_written(v, written.get(k), types[k]) if k in types else v for k, v in values.items()}

@@ -52,7 +52,7 @@ def axes_of(config: AblateConfig) -> dict[str, list[Any]]:
 def expand(config: AblateConfig) -> list[Cell]:
     """Every cell of the grid, in order: the first value of every axis first. Each cell's training settings
     are checked here (for example that the total rank is a multiple of every expert count)."""
-    from ..training.loop import TrainConfig
+    from ..training.config import TrainConfig
 
     axes = axes_of(config)
     cells = []

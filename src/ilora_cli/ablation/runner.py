@@ -245,7 +245,7 @@ def encoder_path(p: Plan, dataset: PreparedDataset, kind: str) -> Path:
 
 # -- training -------------------------------------------------------------------------------------------
 def train_config(p: Plan, cell: Cell, dataset: PreparedDataset, encoder: Path):
-    from ..training.loop import TrainConfig
+    from ..training.config import TrainConfig
 
     settings = {**cell.train, "dataset": str(dataset.path), "encoder": str(encoder), "output": run_dir(p, cell)}
     settings.setdefault("quiet", p.config.quiet)
@@ -256,7 +256,7 @@ def train_config(p: Plan, cell: Cell, dataset: PreparedDataset, encoder: Path):
 def run_state(directory: Path, config) -> str:
     """``done``, ``resume`` or ``fresh`` for a run directory; refuses one trained with other settings."""
     from ..training.checkpoint import list_checkpoints
-    from ..training.loop import TrainConfig
+    from ..training.config import TrainConfig
 
     saved = directory / "config.yaml"
     has_checkpoint = bool(list_checkpoints(directory / "checkpoints"))
@@ -274,7 +274,7 @@ def run_state(directory: Path, config) -> str:
 
 def _train(p: Plan, cell: Cell) -> bool:
     """Train (or resume) the run of ``cell``; True when it is complete."""
-    from ..training.loop import train
+    from ..training.trainer import train
 
     dataset = train_dataset(p, cell)
     config = train_config(p, cell, dataset, encoder_path(p, dataset, cell.encoder))
@@ -400,7 +400,7 @@ def _evaluate(p: Plan, key: str, cells: list[Cell]) -> None:
     from .. import metrics
     from ..devices import resolve_device
     from ..evaluation.evaluate import EvalConfig, evaluate_run
-    from ..training.loop import TrainConfig
+    from ..training.config import TrainConfig
     from ..training.run import load_run
     from .significance import per_user_rr
 
@@ -519,7 +519,7 @@ def _cell_status(p: Plan, cell: Cell) -> tuple[str, int]:
 
 
 def _cell_train_config(p: Plan, cell: Cell):
-    from ..training.loop import TrainConfig
+    from ..training.config import TrainConfig
 
     return resolve(TrainConfig, None, {**cell.train, "dataset": str(p.dataset.path)})
 

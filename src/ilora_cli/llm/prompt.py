@@ -119,7 +119,7 @@ class PromptBuilder:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._answers: dict[int, list[int]] = {}
-        # Batches are built on a background thread while training steps run (training/loop.py, Prefetcher), and
+        # Batches are built on a background thread while training steps run (training/batches.py, Prefetcher), and
         # validation builds its own meanwhile: one tokenizer call at a time.
         self._lock = threading.Lock()
 

@@ -49,7 +49,7 @@ def check_resume(run_dir: Path, config) -> None:
     """Refuse to resume the run in ``run_dir`` with settings other than those it was started with (its
     ``config.yaml``), naming them; a run is continued only as the run it is."""
     from ..config import resolve, to_dict
-    from .loop import TrainConfig
+    from .config import TrainConfig
 
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():

@@ -71,7 +71,7 @@ def test_our_schedule_is_not_transformers_cosine_with_min_lr_so_it_stays():
 
 @pytest.mark.slow
 def test_training_writes_pictures_and_keeps_the_best_checkpoint(world):
-    r = train(_cfg(world, name="pics", max_steps=4, experts=2, validate_every=2, keep_best=True))
+    r = train(_cfg(world, name="pics", max_steps=4, experts=2, validate_every=2, keep_best=True, apart_users=0))
     run_dir = world / "runs" / "pics"
     for png in ("loss.png", "validation.png", "gates.png"):
         data = (run_dir / "plots" / png).read_bytes()
@@ -82,9 +82,17 @@ def test_training_writes_pictures_and_keeps_the_best_checkpoint(world):
         assert len(mean) == 2 and abs(sum(mean) - 1) < 1e-5
     val = [json.loads(x) for x in (run_dir / "logs" / "validation.jsonl").read_text().splitlines()]
     assert [v["step"] for v in val] == [2, 4]
-    mrr = {v["step"]: v["val"]["fused"]["mrr"] for v in val}
-    best_step = max(mrr, key=lambda s: (mrr[s], -s))
-    assert r["kept"] == {"step": best_step, "val_mrr": mrr[best_step], "ranking": "fused", "last_step": 4}
+    ndcg = {v["step"]: v["val"]["fused"]["full_ndcg@10"] for v in val}  # the item head: chosen on the catalogue
+    assert all(v["selection"]["chosen_on"] == "val" for v in val)  # no rows set apart in this run
+    best_step = max(ndcg, key=lambda s: (ndcg[s], -s))
+    assert r["kept"] == {
+        "step": best_step,
+        "metric": "full_ndcg@10",
+        "value": ndcg[best_step],
+        "chosen_on": "val",
+        "ranking": "fused",
+        "last_step": 4,
+    }
     info = json.loads((run_dir / "ilora.json").read_text())
     assert info["training"]["kept"]["step"] == best_step
     best = sorted((run_dir / "checkpoints" / "best").iterdir())
@@ -102,18 +110,50 @@ def test_keep_best_loads_the_best_weights_into_the_run(world, settings, best):
     from ilora_cli.training.loop import Trainer
 
     name = f"best-{best}"
-    cfg = _cfg(world, name=name, max_steps=3, experts=2, validate_at=[1], keep_best=True, head="title", **settings)
+    cfg = _cfg(
+        world,
+        name=name,
+        max_steps=3,
+        experts=2,
+        validate_at=[1],
+        keep_best=True,
+        head="title",
+        apart_users=0,
+        **settings,
+    )
     trainer = Trainer(cfg)
     trainer.run()
     val = [json.loads(x) for x in (world / "runs" / name / "logs" / "validation.jsonl").read_text().splitlines()]
     mrr = {v["step"]: v["val"]["fused"]["mrr"] for v in val}
     assert sorted(mrr) == [1, 3] and mrr[best] > mrr[4 - best]  # the premise
-    assert trainer.kept == {"step": best, "val_mrr": mrr[best], "ranking": "fused", "last_step": 3}
+    assert trainer.kept == {
+        "step": best,
+        "metric": "mrr",
+        "value": mrr[best],
+        "chosen_on": "val",
+        "ranking": "fused",
+        "last_step": 3,
+    }
     params = dict(trainer.unwrapped.named_parameters())
     kept = load_file(trainer.best()["path"] / "trainable.safetensors")
     last = load_file(world / "runs" / name / "checkpoints" / "step-000003" / "trainable.safetensors")
     assert all(torch.equal(params[n].detach().cpu(), v) for n, v in kept.items())
     assert (best == 3) == all(torch.equal(params[n].detach().cpu(), v) for n, v in last.items())
+
+
+@pytest.mark.slow
+def test_keep_best_chooses_on_the_rows_set_apart_when_there_are_any(world):
+    """With rows set apart, the kept step is the one whose default ranking is best there (catalogue NDCG@10 with the
+    fusion fitted on them), not on val: val is what the run is reported on."""
+    r = train(_cfg(world, name="apart-best", max_steps=4, experts=2, validate_every=1, keep_best=True, apart_users=0.3))
+    val = [
+        json.loads(x) for x in (world / "runs" / "apart-best" / "logs" / "validation.jsonl").read_text().splitlines()
+    ]
+    chosen = {v["step"]: v["apart"]["metrics"]["fused"]["ndcg@10"] for v in val}
+    assert all(v["selection"]["chosen_on"] == "apart" and v["selection"]["metric"] == "ndcg@10" for v in val)
+    best_step = max(chosen, key=lambda s: (chosen[s], -s))
+    assert r["kept"]["step"] == best_step and r["kept"]["value"] == chosen[best_step]
+    assert r["kept"]["chosen_on"] == "apart"
 
 
 def test_keep_best_needs_validation(world):

@@ -126,7 +126,7 @@ def test_eval_score_mode_aggregates_over_draws(world, tmp_path):
 @pytest.mark.slow
 def test_eval_side_by_side_generate_and_retrieve(world):
     res = evaluate(EvalConfig(runs=["ev4", "ev1"], encoder=True, quiet=True, max_samples=3))
-    assert set(res["results"]) == {"ev4", "ev1", "encoder"} and res["n_rows"] == 3
+    assert set(res["results"]) == {"ev4", "ev1", "encoder", "popularity"} and res["n_rows"] == 3
     gen = evaluate(EvalConfig(runs=["ev4"], mode="generate", quiet=True, max_samples=3, draws=1))
     assert {"valid_ratio", "hr@1", "hr@1_valid"} <= set(gen["metrics"])
     ret = evaluate(EvalConfig(runs=["ev4"], candidates="retrieve:5", encoder=True, quiet=True, max_samples=4))

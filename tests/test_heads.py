@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,11 +209,28 @@ def test_item_head_end_to_end_on_synthetic_data(synthetic, tmp_path, monkeypatch
     # the sampled LLM scores are the catalogue scores at the candidates: the predictions file holds both views
     lines = [json.loads(x) for x in (run_dir / "predictions-val-score.jsonl").read_text().splitlines()]
     assert {x["draw"] for x in lines} == {0, 1}
+    from ilora_cli import metrics
+
+    for ranking, got in (("default", res["metrics"]), ("llm", res["llm"]["metrics"])):  # the catalogue view
+        ranks = np.array([x["catalogue_rank"][ranking] for x in lines if x["draw"] == 0])
+        for k in (10, 20, 50):
+            assert got[f"full_hr@{k}"]["mean"] == pytest.approx(metrics.hit_ratio(ranks, k))
+        assert got["full_ndcg@10"]["mean"] == pytest.approx(metrics.ndcg(ranks, 10))
+        assert got["full_mrr"]["mean"] == pytest.approx(metrics.mrr(ranks))
+    assert all(
+        x["catalogue_rank"] == y["catalogue_rank"] for x, y in zip(lines[: len(lines) // 2], lines[len(lines) // 2 :])
+    )
+    assert res["tests"]["metric"] == "full_ndcg@10" and "p_value" in res["tests"]["default_vs_encoder"]
+    below = res["below_encoder"]
+    assert below["below"] == (below["default"] < below["encoder"]) and below["metric"] == "full_ndcg@10"
+    assert "full_ndcg@20" in ev["results"]["popularity"]["metrics"]
+    assert info["catalogue_check"]["split"] == "val" and info["catalogue_check"]["metric"] == "full_ndcg@10"
 
     history = [[0, 5, 9], [3, 4]]
     out = recommend(str(run_dir), history, top_k=40)
     for user, h in zip(out, history):
         assert user["candidates"] == "whole catalogue"
+        assert user["below_encoder"]["below"] == info["catalogue_check"]["below"]  # a field, not a log line
         ids = [x["item_id"] for x in user["recommendations"]]
         assert not set(ids) & set(h) and len(ids) == 40 - len(set(h))  # every item but the history
         scores = [x["score"] for x in user["recommendations"]]
@@ -241,21 +259,9 @@ def test_item_head_end_to_end_on_synthetic_data(synthetic, tmp_path, monkeypatch
     assert r.returncode == 2 and "damaged" in r.stderr and "head.safetensors" in r.stderr
 
 
-def test_the_catalogue_loss_is_the_cross_entropy_over_every_item():
-    """loss_over=catalogue: softmax over the whole catalogue's (W h) · e scores, the true next item as target."""
-    from ilora_cli.training.loop import TrainConfig, batch_loss
+def test_the_catalogue_loss_needs_the_item_head():
+    """loss_over=catalogue scores every item (tests/test_catalogue.py: its softmax leaves the history out)."""
+    from ilora_cli.training.loop import TrainConfig
 
-    model, builder = _item_setup()
-    prefix = _prefix(builder)
-    target_index = torch.tensor([0, 2, 1])  # positions among CANDS of the true next items
-    config = TrainConfig(head="item", loss_over="catalogue", fusion="none")
-    config.validate()
-    with torch.no_grad():
-        loss, terms, gates = batch_loss(model, model, scorer("item"), builder, prefix, target_index, config)
-        queries, _ = model(prefix, query=True)
-    targets = torch.tensor([CANDS[0][0], CANDS[1][2], CANDS[2][1]])
-    expected = torch.nn.functional.cross_entropy(queries @ model.encoder.item_embeddings().T, targets)
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
-    assert set(terms) == {"listwise", "hr@1", "mrr"} and gates.shape == (3, 4)
     with pytest.raises(Exception, match="only the item head"):
         TrainConfig(head="title", loss_over="catalogue").validate()

@@ -59,6 +59,8 @@ def record_eval(run_dir: Path, result: dict[str, Any], run_result: dict[str, Any
         metrics["llm alone"] = _means(run_result["llm"]["metrics"])
     if "encoder" in result["results"]:
         metrics["encoder"] = _means(result["results"]["encoder"]["metrics"])
+    if run_result.get("below_encoder"):
+        metrics["below_encoder"] = run_result["below_encoder"]
     doc[key] = metrics
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -107,8 +109,8 @@ def render(run_dir: Path, info: dict[str, Any]) -> str:
         f"| gate | {ex['gate']} |",
         f"| prompt | {info.get('prompt', 'hybrid')} ({info.get('templates', 'ilora-v1')} templates"
         f"{', user token' if ex.get('user_token') else ''}) |",
-        f"| objective | {info.get('objective', '?')}, candidate scores: {info.get('normalize', 'sum')} |",
-        f"| default ranking | {_ranking(info.get('fusion'))} |",
+        f"| objective | {_objective(info)} |",
+        f"| default ranking | {_ranking(info.get('fusion'))}{_fusion_fit(info.get('fusion_fit'))} |",
         f"| encoder | {info['encoder']['type']} `{info['encoder']['name']}` (copy in `encoder/`) |",
         f"| data | `{data['name']}`: {data['n_items']:,} items, domain {data['domain']}, "
         f"checksum `{data['checksum'][:12]}…` |",
@@ -118,10 +120,11 @@ def render(run_dir: Path, info: dict[str, Any]) -> str:
     kept = training.get("kept")
     if kept:
         lines.append(
-            f"| weights | step {kept['step']} of {kept['last_step']}: the best validation MRR "
-            f"({kept['val_mrr']:.4f}, {kept['ranking']} ranking) |"
+            f"| weights | step {kept['step']} of {kept['last_step']}: the best {kept['metric']} of the "
+            f"{kept['ranking']} ranking on the {kept['chosen_on']} rows ({kept['value']:.4f}) |"
         )
     lines += ["", "## Metrics", ""]
+    lines += _check(info.get("catalogue_check"))
     lines += _metrics(run_dir)
     lines += [
         "",
@@ -161,6 +164,39 @@ def _ranking(fusion: dict[str, float] | None) -> str:
     return f"{fusion['llm']:.3f} · LLM score + {fusion['encoder']:.3f} · encoder score"
 
 
+def _objective(info: dict[str, Any]) -> str:
+    settings = info.get("objective_settings") or {}
+    text = f"{info.get('objective', '?')}"
+    if settings.get("loss_over"):
+        text += f", softmax over the {settings['loss_over']}"
+        if settings.get("negative_sampling", "uniform") != "uniform":
+            text += f" ({settings['negative_sampling']}-drawn negatives, logQ-corrected)"
+    if settings.get("query"):
+        text += f", {settings['query']} query"
+    if info.get("experts", {}).get("head", "title") == "title":
+        text += f", candidate scores: {info.get('normalize', 'sum')}"
+    return text
+
+
+def _fusion_fit(fit: dict[str, Any] | None) -> str:
+    if not fit or fit.get("on") == "none":
+        return ""
+    if fit["on"] == "apart":
+        return f", fitted on the {fit['rows']} rows of {fit['users']} users set apart (never trained on)"
+    return ", fitted on the training batches (rows the language model trained on)"
+
+
+def _check(check: dict[str, Any] | None) -> list[str]:
+    """The sentence that says whether what ``recommend`` returns beats the run's own encoder on the val catalogue."""
+    if not check:
+        return []
+    where = f"the {check['split']} catalogue ({check['rows']} users, {check['metric']})"
+    values = f"{check['default']:.4f} against {check['encoder']:.4f}, paired p = {check['p_value']:.3g}"
+    if check["below"]:
+        return [f"**The default ranking is below the run's own encoder** on {where}: {values}.", ""]
+    return [f"The default ranking is at or above the run's own encoder on {where}: {values}.", ""]
+
+
 def _num(x: Any) -> str:
     return "?" if x is None else f"{x:.4f}"
 
@@ -175,6 +211,9 @@ def _metrics(run_dir: Path) -> list[str]:
             if system in doc:
                 out.append(f"| {system} | " + " | ".join(doc[system].get(m, "—") for m in names) + " |")
         out.append("")
+        below = doc.get("below_encoder")
+        if isinstance(below, dict) and below.get("below"):
+            out += [f"Here the default ranking is **below its own encoder** on {below['metric']}.", ""]
     val = validation_records(run_dir)
     if val:
         last = val[-1]

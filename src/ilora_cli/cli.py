@@ -334,7 +334,7 @@ def eval_(
     """Evaluate trained runs (and the encoder) on the frozen candidate draws: HR@K, NDCG@K, MRR (mean ± std)."""
     from .config import resolve
     from .evaluation.evaluate import EvalConfig, evaluate
-    from .report import eval_rows, metrics_table
+    from .report import eval_report, eval_rows
 
     cfg = resolve(
         EvalConfig,
@@ -359,7 +359,7 @@ def eval_(
         raise UserError(f"--plot writes a PNG picture; give a file name ending in .png, not {plot.name!r}.")
     result = evaluate(cfg)
     title = f"{result['split']} ({result['n_rows']} rows, {result['mode']} mode)"
-    metrics_table(title, eval_rows(result["results"]), result["protocol"])
+    eval_report(result)
     from .card import record_results
 
     record_results(cfg.runs, result)

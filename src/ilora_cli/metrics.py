@@ -117,6 +117,28 @@ def aggregate(per_draw: Sequence[Mapping[str, float]]) -> dict[str, dict[str, fl
     return out
 
 
+CATALOGUE_HR_KS = (10, 20, 50)  # full-catalogue HR@K reported for every ranking
+CATALOGUE_NDCG_KS = (10, 20)  # ... and NDCG@K
+CATALOGUE_METRIC = "full_ndcg@10"  # the catalogue metric that tests, validation and --keep-best use
+
+
+def catalogue_metrics(ranks) -> dict[str, dict[str, float]]:
+    """Full-catalogue HR@10/20/50, NDCG@10/20 and MRR of one set of ranks (each row's history excluded by the
+    caller), as ``full_*`` entries in :func:`aggregate`'s shape (one "draw": the catalogue is not sampled)."""
+    values = {f"full_hr@{k}": hit_ratio(ranks, k) for k in CATALOGUE_HR_KS}
+    values.update({f"full_ndcg@{k}": ndcg(ranks, k) for k in CATALOGUE_NDCG_KS})
+    values["full_mrr"] = mrr(ranks)
+    return {name: {"mean": v, "std": 0.0, "n_draws": 1} for name, v in values.items()}
+
+
+def per_user_ndcg(ranks, k: int = 10) -> np.ndarray:
+    """(n,) each row's NDCG@K contribution [0 ≤ rank < K] / log2(rank + 2): the per-user values whose mean is
+    :func:`ndcg`, for paired tests over users."""
+    r = _ranks(ranks)
+    hit = (r >= 0) & (r < k)
+    return np.where(hit, 1.0 / np.log2(np.maximum(r, 0) + 2.0), 0.0)
+
+
 def label(n_candidates: int | None) -> str:
     """How a result table names its protocol: sampled with N candidates, or full catalogue."""
     return f"sampled, {n_candidates} candidates" if n_candidates else "full ranking"

@@ -43,7 +43,12 @@ def metrics_table(title: str, rows: dict[str, dict[str, Any]], protocol: str) ->
     """One row per system/split; sampled metrics as mean ± std over candidate draws."""
     names = [m for m in SAMPLED_ORDER if any(m in r for r in rows.values())]
     extra = sorted(
-        {k for r in rows.values() for k, v in r.items() if k not in SAMPLED_ORDER and isinstance(v, (dict, float, int))}
+        {
+            k
+            for r in rows.values()
+            for k, v in r.items()
+            if k not in SAMPLED_ORDER and not k.startswith("full_") and isinstance(v, (dict, float, int))
+        }
     )
     t = Table(title=Text.assemble(title, (f"  ({protocol}; mean ± std over draws)", "dim")))
     t.add_column("")
@@ -74,3 +79,38 @@ def eval_rows(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         else:
             rows[name] = r["metrics"]
     return rows
+
+
+CATALOGUE_ORDER = ("full_hr@10", "full_hr@20", "full_hr@50", "full_ndcg@10", "full_ndcg@20", "full_mrr")
+
+
+def catalogue_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
+    """The whole-catalogue metrics (history excluded) of every row that has them: what ``recommend`` returns."""
+    rows = {k: r for k, r in rows.items() if "full_ndcg@10" in r}
+    if not rows:
+        return
+    t = Table(title=Text.assemble(title, ("  (whole catalogue, history excluded)", "dim")))
+    t.add_column("")
+    names = [m for m in CATALOGUE_ORDER if any(m in r for r in rows.values())]
+    for m in names:
+        t.add_column(m.removeprefix("full_"), justify="right")
+    for label, r in rows.items():
+        t.add_row(label, *[f"{r[m]['mean']:.4f}" if m in r else "—" for m in names])
+    err.print(t)
+
+
+def eval_report(result: dict[str, Any]) -> None:
+    """What ``ilora eval`` prints: the sampled table, the catalogue table, and each run's paired tests."""
+    title = f"{result['split']} ({result['n_rows']} rows, {result['mode']} mode)"
+    rows = eval_rows(result["results"])
+    metrics_table(title, rows, result["protocol"])
+    catalogue_table(title, rows)
+    for name, r in result["results"].items():
+        tests = r.get("tests") or {}
+        said = [
+            f"{k.replace('_vs_', ' − ')} {v['mean_difference']:+.4f} (p = {v['p_value']:.3g})"
+            for k, v in tests.items()
+            if isinstance(v, dict)
+        ]
+        if said:
+            err.print(f"{name}, paired over users on {tests['metric']}: " + "; ".join(said))

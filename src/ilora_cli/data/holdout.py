@@ -255,3 +255,23 @@ def second_stage_rows(
         "rows": int(len(rows)),
         "encoder_saw_training_rows": saw,
     }
+
+
+_APART_STREAM = 0xA9A7  # the users set apart inside the second stage: a random stream of their own
+
+
+def set_apart(rows: np.ndarray, users: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the second stage's ``rows`` (sorted train-row indices; ``users`` (N,) the user of every train row) into
+    the rows the language model trains on and the rows of a seeded ``round(fraction · users)`` of their users
+    (at least one, and one left) set apart, on which the fusion weights are fitted and ``--keep-best`` chooses:
+    rows that neither the encoder nor the language model was fitted on. ``fraction`` 0: nothing set apart."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    if not fraction:
+        return rows, rows[:0]
+    distinct = np.unique(users[rows])
+    if len(distinct) < 2:
+        raise UserError(f"apart_users={fraction:g} needs 2 second-stage users or more; there is {len(distinct)}.")
+    n_apart = min(len(distinct) - 1, max(1, int(round(fraction * len(distinct)))))
+    apart_users = np.random.default_rng([seed, _APART_STREAM]).permutation(distinct)[:n_apart]
+    apart = np.isin(users[rows], apart_users)
+    return rows[~apart], rows[apart]

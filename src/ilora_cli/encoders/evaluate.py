@@ -11,8 +11,6 @@ from .. import metrics
 from ..data.prepared import SplitData
 from .base import SequentialEncoder
 
-FULL_K = 10  # cut-off of the full-ranking metrics (full_hr@10, full_ndcg@10)
-
 
 @torch.no_grad()
 def split_ranks(
@@ -58,8 +56,8 @@ def split_ranks(
 def evaluate_encoder(
     model: SequentialEncoder, split: SplitData, n_items: int, batch_size: int = 1024
 ) -> dict[str, Any]:
-    """Sampled HR@1/3/5/10, NDCG@3/5/10 and MRR as mean ± std over the stored draws, full-ranking HR@10 and
-    NDCG@10 (history excluded), and the protocol label of the sampled metrics."""
+    """Sampled HR@1/3/5/10, NDCG@3/5/10 and MRR as mean ± std over the stored draws, full-ranking HR@10/20/50,
+    NDCG@10/20 and MRR (history excluded: :func:`metrics.catalogue_metrics`), and the sampled metrics' protocol."""
     sampled, full = split_ranks(model, split, n_items, batch_size)
     out: dict[str, Any] = {}
     if sampled is not None:
@@ -67,11 +65,7 @@ def evaluate_encoder(
         out.update(metrics.aggregate([metrics.ranking_metrics(sampled[:, d]) for d in range(sampled.shape[1])]))
     else:
         out["protocol"] = metrics.label(None)
-    for name, value in (
-        (f"full_hr@{FULL_K}", metrics.hit_ratio(full, FULL_K)),
-        (f"full_ndcg@{FULL_K}", metrics.ndcg(full, FULL_K)),
-    ):
-        out[name] = {"mean": value, "std": 0.0, "n_draws": 1}
+    out.update(metrics.catalogue_metrics(full))
     return out
 
 

@@ -175,6 +175,11 @@ def _score_mode(run, split: SplitData, config: EvalConfig, retrieve: int | None,
     full = run.scorer.ranks_catalogue and not retrieve
     llm = score_rows(run, histories, sets, config.batch_size, normalize, tick, catalogue=full)
     per_draw: dict[str, list[dict[str, float]]] = {r: [] for r in (*rankings, "encoder")}
+    rr = {r: np.zeros(len(split)) for r in per_draw}  # (N,) each user's reciprocal rank, mean over the draws
+    catalogue_ranks = None
+    if full:
+        by = _rankings(llm["catalogue"], encoder_catalogue_scores(encoder, split), fusion)
+        catalogue_ranks = {r: metrics.full_ranking_ranks(s, split.next, exclude=histories) for r, s in by.items()}
     lines: list[dict[str, Any]] = []
     agree = []  # per draw: how often the LLM's top candidate is the encoder's
     for d in range(sets.shape[1]):
@@ -188,17 +193,12 @@ def _score_mode(run, split: SplitData, config: EvalConfig, retrieve: int | None,
             else:
                 ranks = metrics.rank_of_target(by[r], _target_columns(cands, split.next))
                 per_draw[r].append(metrics.ranking_metrics(ranks))
-        default = by[rankings[-1]]
-        for i in range(len(split)):
-            line = _line(split, i, d, cands[i], default[i], llm["gates"][i])
-            line["llm_scores"] = [round(float(x), 5) for x in by["llm"][i]]
-            line["encoder_scores"] = [round(float(x), 5) for x in by["encoder"][i]]
-            lines.append(line)
+            rr[r] += np.where(ranks >= 0, 1.0 / (np.maximum(ranks, 0) + 1.0), 0.0) / sets.shape[1]
+        lines += _draw_lines(split, d, cands, by, by[rankings[-1]], llm["gates"], catalogue_ranks, rankings[-1])
     result = {r: metrics.aggregate(per_draw[r]) for r in per_draw}
     if full:
-        catalogue = _rankings(llm["catalogue"], encoder_catalogue_scores(encoder, split), fusion)
-        for r, scores in catalogue.items():
-            result[r].update(_full_metrics(scores, split))
+        for r, ranks in catalogue_ranks.items():
+            result[r].update(metrics.catalogue_metrics(ranks))
     out = {
         "metrics": result[rankings[-1]],
         "ranking": "fused" if fusion is not None else "llm",
@@ -210,7 +210,27 @@ def _score_mode(run, split: SplitData, config: EvalConfig, retrieve: int | None,
     if fusion is not None:
         out["llm"] = {"metrics": result["llm"]}
     out["encoder"] = {"metrics": result["encoder"]}  # on the same rows and candidates
+    # per user, for the paired tests of evaluate(); taken out of the document before it is printed
+    out["_per_user"] = {"rr": rr | {"default": rr[rankings[-1]]}}
+    if catalogue_ranks is not None:
+        out["_per_user"]["catalogue_ranks"] = catalogue_ranks | {"default": catalogue_ranks[rankings[-1]]}
     return out, lines
+
+
+def _draw_lines(split, d, cands, by, default, gates, catalogue_ranks, default_name) -> list[dict[str, Any]]:
+    """The predictions file's lines of one draw: candidates, the default scores, each ranking's scores, the gate, and
+    for a head that ranks the catalogue the target's rank there by each ranking (``catalogue_rank``, 0-based, the
+    history excluded: the same in every draw's line of a row)."""
+    lines = []
+    for i in range(len(split)):
+        line = _line(split, i, d, cands[i], default[i], gates[i])
+        line["llm_scores"] = [round(float(x), 5) for x in by["llm"][i]]
+        line["encoder_scores"] = [round(float(x), 5) for x in by["encoder"][i]]
+        if catalogue_ranks is not None:
+            line["catalogue_rank"] = {r: int(v[i]) for r, v in catalogue_ranks.items()}
+            line["catalogue_rank"]["default"] = line["catalogue_rank"][default_name]
+        lines.append(line)
+    return lines
 
 
 def _rankings(llm: np.ndarray, encoder: np.ndarray, fusion: dict[str, float] | None) -> dict[str, np.ndarray]:
@@ -219,17 +239,6 @@ def _rankings(llm: np.ndarray, encoder: np.ndarray, fusion: dict[str, float] | N
     if fusion is not None:
         by["fused"] = fused_scores(llm, encoder, fusion["llm"], fusion["encoder"])
     return by
-
-
-def _full_metrics(scores: np.ndarray, split: SplitData) -> dict[str, dict[str, float]]:
-    """Full-catalogue HR@10 / NDCG@10 of (N, n_items) scores, each row's history excluded."""
-    from ..encoders.evaluate import FULL_K
-
-    ranks = metrics.full_ranking_ranks(scores, split.next, exclude=split.histories())
-    return {
-        f"full_hr@{FULL_K}": {"mean": metrics.hit_ratio(ranks, FULL_K), "std": 0.0, "n_draws": 1},
-        f"full_ndcg@{FULL_K}": {"mean": metrics.ndcg(ranks, FULL_K), "std": 0.0, "n_draws": 1},
-    }
 
 
 def _generate_mode(run, split: SplitData, config: EvalConfig, tick) -> tuple[dict, list]:
@@ -417,6 +426,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         results["encoder"] = {"metrics": _encoder_metrics(config, dataset, split, own, retrieve)}
     if named is not None and run_dirs:
         results[f"encoder:{named[1]}"] = {"metrics": _encoder_metrics(config, dataset, split, named[0], retrieve)}
+    if config.mode == "score" and not retrieve and config.test_file is None:
+        results["popularity"] = {"metrics": popularity_metrics(dataset, split)}
+    per_user = {name: _take_per_user(r) for name, r in results.items()}
+    for d in run_dirs:
+        results[d.name]["tests"] = run_tests(per_user, d.name, [n for n in results if n.startswith("encoder:")])
+        results[d.name]["below_encoder"] = below_encoder(results[d.name], per_user[d.name])
+        _say_if_below(d.name, results[d.name]["below_encoder"], split.name)
     first = next(iter(results.values()))
     return {
         "mode": config.mode if not retrieve else "score",
@@ -428,6 +444,72 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "metrics": first["metrics"],
         "results": results,
     }
+
+
+def _take_per_user(result: dict[str, Any]) -> dict[str, Any]:
+    """The per-user values a result carries for the tests (``_per_user``), taken out of the printed document."""
+    return result.pop("_per_user", None) or result["metrics"].pop("_per_user", None) or {}
+
+
+def _paired_values(per_user: dict[str, Any], ranking: str) -> tuple[str, np.ndarray] | None:
+    """The per-user values a ranking is tested on: catalogue NDCG@10 where the catalogue was ranked, else the
+    reciprocal rank on the stored draws (mean over the draws)."""
+    ranks = per_user.get("catalogue_ranks", {})
+    ranks = ranks.get(ranking) if isinstance(ranks, dict) else ranks
+    if ranks is not None:
+        return metrics.CATALOGUE_METRIC, metrics.per_user_ndcg(ranks, 10)
+    rr = per_user.get("rr", {})
+    rr = rr.get(ranking) if isinstance(rr, dict) else rr
+    return ("mrr", np.asarray(rr)) if rr is not None else None
+
+
+def run_tests(per_user: dict[str, dict[str, Any]], run: str, named: list[str]) -> dict[str, Any]:
+    """Paired sign-flip permutation tests over users (metrics.paired_permutation_test) of a run's default ranking and
+    its language model alone against its own encoder, against each ``--encoder NAME`` and against popularity, on
+    catalogue NDCG@10 for a head that ranks the catalogue, else on MRR over the stored draws."""
+    own = per_user[run]
+    out: dict[str, Any] = {}
+    for ranking in ("default", "llm"):
+        mine = _paired_values(own, ranking)
+        if mine is None:
+            continue
+        out["metric"] = mine[0]
+        others = [("encoder", own, "encoder")] + [
+            (n, per_user[n], None) for n in (*named, "popularity") if n in per_user
+        ]
+        for name, theirs, key in others:
+            ref = _paired_values(theirs, key) if key else _paired_values(theirs, None)
+            if ref is None or ref[0] != mine[0]:
+                continue
+            out[f"{ranking}_vs_{name}"] = metrics.paired_permutation_test(mine[1], ref[1])
+    return out
+
+
+def below_encoder(result: dict[str, Any], per_user: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether the run's default ranking is below its own encoder on the catalogue metric (NDCG@10) of these rows —
+    what ``recommend`` returns ranked worse than the encoder alone would rank it — with both values and the p of
+    the paired test. None where the catalogue was not ranked (the title head)."""
+    m = metrics.CATALOGUE_METRIC
+    if m not in result.get("metrics", {}) or "catalogue_ranks" not in per_user:
+        return None
+    default, encoder = result["metrics"][m]["mean"], result["encoder"]["metrics"][m]["mean"]
+    test = result.get("tests", {}).get("default_vs_encoder", {})
+    return {
+        "metric": m,
+        "default": default,
+        "encoder": encoder,
+        "below": default < encoder,
+        "p_value": test.get("p_value"),
+    }
+
+
+def _say_if_below(run: str, below: dict[str, Any] | None, split: str) -> None:
+    if below and below["below"]:
+        err.print(
+            f"[yellow]note:[/] the default ranking of {run} is below its own encoder on the {split} catalogue "
+            f"({below['metric']} {below['default']:.4f} against {below['encoder']:.4f}, p = {below['p_value']:.3g}): "
+            "what recommend returns is ranked worse than the encoder alone would rank it."
+        )
 
 
 def _named_encoder(config: EvalConfig, dataset: PreparedDataset):
@@ -460,6 +542,8 @@ def _holdout_note(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _encoder_metrics(config, dataset, split, encoder, retrieve) -> dict[str, Any]:
+    """An encoder alone on the same rows: the sampled metrics of every draw and the catalogue's (or, with
+    ``retrieve``, the reranking protocol's), with its per-user values for the paired tests (``_per_user``)."""
     from ..encoders.evaluate import split_ranks
     from ..encoders.io import check_compatible, load_encoder
 
@@ -469,7 +553,8 @@ def _encoder_metrics(config, dataset, split, encoder, retrieve) -> dict[str, Any
     sampled, full = split_ranks(encoder, split, dataset.n_items)
     if retrieve:
         ranks = np.where(full < retrieve, full, metrics.MISSING)  # the encoder's own order of its top-N
-        return metrics.aggregate([metrics.ranking_metrics(ranks, ks=(1, 5, 10), ndcg_ks=(5, 10))])
+        out = metrics.aggregate([metrics.ranking_metrics(ranks, ks=(1, 5, 10), ndcg_ks=(5, 10))])
+        return out | {"_per_user": {"rr": np.where(ranks >= 0, 1.0 / (np.maximum(ranks, 0) + 1.0), 0.0)}}
     if config.mode == "generate":
         return metrics.aggregate(
             [
@@ -482,8 +567,22 @@ def _encoder_metrics(config, dataset, split, encoder, retrieve) -> dict[str, Any
             ]
         )
     out = metrics.aggregate([metrics.ranking_metrics(sampled[:, d]) for d in range(sampled.shape[1])])
-    from ..encoders.evaluate import FULL_K
+    out.update(metrics.catalogue_metrics(full))
+    rr = (1.0 / (sampled + 1.0)).mean(axis=1)  # (N,) mean over the draws
+    return out | {"_per_user": {"rr": rr, "catalogue_ranks": full}}
 
-    out[f"full_hr@{FULL_K}"] = {"mean": metrics.hit_ratio(full, FULL_K), "std": 0.0, "n_draws": 1}
-    out[f"full_ndcg@{FULL_K}"] = {"mean": metrics.ndcg(full, FULL_K), "std": 0.0, "n_draws": 1}
-    return out
+
+def popularity_metrics(dataset: PreparedDataset, split: SplitData) -> dict[str, Any]:
+    """The popularity baseline on the same rows: every item scored by how often it is a training row's next item,
+    on the stored draws and over the whole catalogue (history excluded; ties ranked pessimistically)."""
+    popularity = np.bincount(dataset.split("train").next, minlength=dataset.n_items).astype(np.float64)  # (N,)
+    per_draw = []
+    for d in range(split.candidates.shape[1]):
+        cands = split.candidates[:, d]  # (R, C)
+        per_draw.append(
+            metrics.ranking_metrics(metrics.rank_of_target(popularity[cands], _target_columns(cands, split.next)))
+        )
+    full = metrics.full_ranking_ranks(
+        np.broadcast_to(popularity, (len(split), len(popularity))), split.next, split.histories()
+    )
+    return metrics.aggregate(per_draw) | metrics.catalogue_metrics(full) | {"_per_user": {"catalogue_ranks": full}}

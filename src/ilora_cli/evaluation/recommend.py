@@ -137,6 +137,9 @@ def history_problem(doc: Any) -> str | None:
     return "a history must be a JSON list of item ids or titles"
 
 
+_CHECK_KEYS = ("below", "metric", "default", "encoder", "p_value", "split", "rows")
+
+
 class Recommender:
     def __init__(self, config: RecommendConfig):
         from ..training.run import load_run
@@ -147,6 +150,9 @@ class Recommender:
         self.resolve = ItemResolver(self.run.titles)
         self.max_history = int(self.run.info["dataset"]["max_history"])
         self.pad_id = int(self.run.info["dataset"]["pad_id"])
+        # whether the default ranking was below the run's own encoder on its val catalogue (recorded by train)
+        check = self.run.info.get("catalogue_check")
+        self.check = None if not isinstance(check, dict) else {k: check.get(k) for k in _CHECK_KEYS}
         self.fixed = None
         if config.candidates is not None:
             cands, _ = read_histories(config.candidates, "candidates file")
@@ -237,6 +243,7 @@ class Recommender:
                     "fusion": fusion,
                     "gate": [float(x) for x in llm_out["gates"][b]],
                     "candidates": where,
+                    "below_encoder": self.check,
                     "notes": notes[b],
                 }
             )

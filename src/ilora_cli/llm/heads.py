@@ -23,6 +23,9 @@ from torch import nn
 
 HEADS = ("title", "item")
 HEAD_INITS = ("random", "zeros", "fit")
+# How the item head forms its query: ``direct`` q = W h; ``residual`` q = u + W h with u the encoder's user
+# representation, so that with W = 0 the language model's ranking starts as the encoder's, on any item set.
+QUERIES = ("direct", "residual")
 
 
 class ItemHead(nn.Module):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .experts import Gate, GateHolder, TokenRouters, install_gate_hooks, lora_a_modules
-from .heads import HEADS, ItemHead
+from .heads import HEADS, QUERIES, ItemHead
 from .logprobs import fused_applicable, token_logprobs
 from .packing import PackedAnswers
 from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, PromptBatch
@@ -34,6 +34,7 @@ class ExpertConfig:
     user_token: bool = False  # one more placeholder: the encoder's user representation, by its own projector
     head: str = "title"  # title (titles' log-likelihood) or item ((W h) · e_c, see heads.py)
     projector_norm: str = "none"  # none, or token: projected vectors rescaled to the backbone's mean token norm
+    query: str = "direct"  # item head: direct (q = W h) or residual (q = u + W h, u the encoder's user vector)
 
     def validate(self) -> None:
         if self.experts < 1 or self.rank < 1 or self.rank % self.experts:
@@ -42,6 +43,8 @@ class ExpertConfig:
             raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
         if self.projector_norm not in PROJECTOR_NORMS:
             raise ValueError(f"unknown projector_norm {self.projector_norm!r}; choose none or token")
+        if self.query not in QUERIES:
+            raise ValueError(f"unknown query {self.query!r}; choose one of {', '.join(QUERIES)}")
 
 
 class Projector(nn.Module):
@@ -247,6 +250,8 @@ class ILoraModel(nn.Module):
                 if self.item_head is None:
                     raise ValueError("item scores need a model with the item head")
                 q = self.item_head(self._last_hidden(embeds, batch.attention_mask, positions))  # (B, d)
+                if self.config.query == "residual":  # the encoder's own query, moved by what the LLM adds
+                    q = q.float() + self.user_representation(batch)  # (B, d)
                 if query:
                     return q, gates
                 with torch.no_grad():

@@ -71,6 +71,16 @@ class Recommendation(Item):
     encoder_score: float
 
 
+class CatalogueCheck(BaseModel):
+    below: bool = Field(description="True: the run's default ranking was below its own encoder on its val catalogue.")
+    metric: str
+    default: float
+    encoder: float
+    p_value: float | None = Field(description="The paired permutation test over the val users.")
+    split: str
+    rows: int
+
+
 class RecommendResponse(BaseModel):
     """What ``ilora recommend --json`` prints for the user."""
 
@@ -80,6 +90,11 @@ class RecommendResponse(BaseModel):
     fusion: dict[str, float] | None
     gate: list[float] = Field(description="The user's weights over the K LoRA experts.")
     candidates: str = Field(description="What was ranked: given, encoder top-N, or whole catalogue.")
+    below_encoder: CatalogueCheck | None = Field(
+        None,
+        description="The run's default ranking against its own encoder on the val catalogue, as training measured "
+        "it (NDCG@10); null where not measured (the title head).",
+    )
     notes: list[str]
 
 

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..home import check_name
 from ..home import run_dir as named_run_dir
 from ..llm.experts import GATE_TYPES
-from ..llm.heads import HEAD_INITS, HEADS
+from ..llm.heads import HEAD_INITS, HEADS, QUERIES
 from ..llm.prompt import TEMPLATE_SETS
 
 PROJECTOR_NORMS = ("none", "token")
@@ -26,6 +26,13 @@ FUSIONS = ("learned", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
 DEFAULT_ITEM_EPOCHS = 3.0  # the item head's default passes over its rows (docs/BENCHMARKS.md: the item head)
 DEFAULT_DISTILL_WEIGHT = 0.0  # the rank objective's distillation weight (docs/BENCHMARKS.md: the measurement)
+# The item head's defaults for the catalogue (docs/BENCHMARKS.md, *What recommend returns*): the query, the softmax
+# and the users set apart for the fusion.
+DEFAULT_ITEM_QUERY = "direct"
+DEFAULT_ITEM_LOSS = "candidates"
+DEFAULT_APART_USERS = 0.0
+LOSSES = ("candidates", "catalogue", "catalogue+candidates")
+SAMPLINGS = ("uniform", "popularity")
 
 
 @dataclass
@@ -53,8 +60,10 @@ class TrainConfig:
     head: str | None = None  # item ((W h) · e_c of the encoder's item embeddings after a history-only prompt;
     # ranks the whole catalogue) or title (candidates listed, scored by their titles' likelihood: the paper's);
     # None: item for the rank objective, title for generate (llm/heads.py; docs/BENCHMARKS.md)
-    head_init: str = "fit"  # item head W: fit (least squares onto the encoder's user representations of 256
-    # training rows before the first step: measured best, docs/BENCHMARKS.md), random (std 0.02) or zeros
+    query: str | None = None  # item head: residual (q = u + W h, u the encoder's user representation: the LLM's
+    # ranking starts as the encoder's and moves by what it learns) or direct (q = W h); None: the default
+    head_init: str | None = None  # item head W: fit (least squares onto the encoder's user representations of 256
+    # training rows before the first step), random (std 0.02) or zeros; None: fit (direct), zeros (residual)
     head_lr: float | None = None  # item head learning rate (default: projector_lr)
     projector_norm: str = "none"  # none, or token: projected item/user vectors rescaled to the token norm
     normalize: str = "mean"  # candidate score: mean or sum of title token log-probs (rank objective, eval)
@@ -67,9 +76,15 @@ class TrainConfig:
     distill_temperature: float = 1.0  # τ of that KL term (both softmaxes)
     fusion: str | None = None  # learned: rank by a·LLM score + b·encoder score, a and b trained from a=0, b=1
     # (rank objective); none: by the LLM's score alone; None: learned for rank, none for generate
-    fusion_lr: float = 2e-2  # learning rate of the fusion weights a and b
-    loss_over: str = "candidates"  # the rank objective's softmax: over the prompt's candidates, or (item head)
-    # over the whole catalogue, as the encoder is trained
+    fusion_lr: float = 2e-2  # learning rate of the fusion weights a and b (apart_users=0: fitted on batches)
+    apart_users: float | None = None  # fraction of the second stage's users set apart: the language model never
+    # trains on their rows, the fusion weights are fitted on them after training and --keep-best chooses on them
+    # (rows no stage below was fitted on); 0: none, the fusion is fitted on every training batch; None: the default
+    loss_over: str | None = None  # the rank objective's softmax: candidates (the training prompt's), catalogue
+    # (item head: every item, the row's history excluded, as recommend ranks) or catalogue+candidates (both
+    # terms); None: the default for the head
+    negative_sampling: str = "uniform"  # training candidates' negatives: uniform, or popularity (drawn in
+    # proportion to how often items are a training target, with the logQ correction in the softmax)
     label: str = "next"  # rank objective's target: next (the true next item) or encoder (the encoder's top-ranked
     # candidate of the same prompt: a diagnostic of whether the head can learn what the encoder's vectors say)
     hard_negatives: float = 0.0  # fraction of each training prompt's negatives drawn from the encoder's top items
@@ -116,14 +131,27 @@ class TrainConfig:
             raise UserError(f"Unknown template set {self.templates!r}; choose one of: {', '.join(TEMPLATE_SETS)}.")
         if self.head not in HEADS:
             raise UserError(f"Unknown head {self.head!r}; choose title or item.")
+        if self.query not in QUERIES:
+            raise UserError(f"Unknown query {self.query!r}; choose one of: {', '.join(QUERIES)}.")
+        if self.query == "residual" and self.head != "item":
+            raise UserError("query=residual forms the item head's query; it needs head=item.")
         if self.head_init not in HEAD_INITS:
             raise UserError(f"Unknown head_init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}.")
+        if self.query == "residual" and self.head_init == "fit":
+            raise UserError(
+                "head_init=fit maps the hidden state onto the encoder's user representation, which query=residual "
+                "already adds; use head_init=zeros (the residual query's default) or random."
+            )
         if self.projector_norm not in PROJECTOR_NORMS:
             raise UserError(f"projector_norm must be none or token; got {self.projector_norm!r}.")
-        if self.loss_over not in ("candidates", "catalogue"):
-            raise UserError(f"loss_over must be candidates or catalogue; got {self.loss_over!r}.")
-        if self.loss_over == "catalogue" and self.head != "item":
-            raise UserError("loss_over=catalogue scores every item, which only the item head does (head=item).")
+        if self.loss_over not in LOSSES:
+            raise UserError(f"loss_over must be one of {', '.join(LOSSES)}; got {self.loss_over!r}.")
+        if self.loss_over != "candidates" and self.head != "item":
+            raise UserError(f"loss_over={self.loss_over} scores every item, which only the item head does (head=item).")
+        if self.negative_sampling not in SAMPLINGS:
+            raise UserError(f"negative_sampling must be uniform or popularity; got {self.negative_sampling!r}.")
+        if self.negative_sampling == "popularity" and self.hard_negatives > 0:
+            raise UserError("negative_sampling=popularity and hard_negatives draw the same negatives; choose one.")
         if self.label not in LABELS:
             raise UserError(f"label must be next or encoder; got {self.label!r}.")
         if self.label != "next" and self.objective != "rank":
@@ -178,6 +206,7 @@ class TrainConfig:
             check_range(self, name, low=0, low_open=True)
         for name in ("projector_lr", "gate_lr", "head_lr", "fusion_lr", "weight_decay", "distill_weight"):
             check_range(self, name, low=0)
+        check_range(self, "apart_users", low=0, high=1, high_open=True)
         for name in ("warmup_ratio", "min_lr_ratio", "hard_negatives"):
             check_range(self, name, low=0, high=1)
         check_range(self, "lora_dropout", low=0, high=1, high_open=True)
@@ -190,6 +219,15 @@ class TrainConfig:
             self.user_token = self.head == "item" and self.prompt == "hybrid" and self.templates == "compact"
         if self.epochs is None:
             self.epochs = DEFAULT_ITEM_EPOCHS if self.head == "item" else 1.0
+        item = self.head == "item"
+        if self.query is None:
+            self.query = DEFAULT_ITEM_QUERY if item else "direct"
+        if self.head_init is None:
+            self.head_init = "zeros" if self.query == "residual" else "fit"
+        if self.loss_over is None:
+            self.loss_over = DEFAULT_ITEM_LOSS if item else "candidates"
+        if self.apart_users is None:
+            self.apart_users = DEFAULT_APART_USERS if self.objective == "rank" else 0.0
 
     def _resolve_objective_defaults(self) -> None:
         """Fill in the settings whose default depends on the objective; refuse rank-only settings with generate."""
@@ -202,6 +240,8 @@ class TrainConfig:
             raise UserError(f"Unknown fusion {self.fusion!r}; choose learned or none.")
         if not self.distill_weight >= 0:
             raise UserError(f"distill_weight must be at least 0; got {self.distill_weight}.")
+        if not rank and self.apart_users:
+            raise UserError("apart_users sets rows apart for the rank objective's fusion and --keep-best; pass 0.")
         if not rank and (self.fusion != "none" or self.distill_weight > 0):
             raise UserError(
                 "fusion=learned and distill_weight need candidate scores, which only the rank objective computes; "

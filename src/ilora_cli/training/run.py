@@ -144,6 +144,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
         "user_token": (bool,),
         "head": (str,),
         "projector_norm": (str,),
+        "query": (str,),
     },
     "encoder": {"sha256": (str,)},
     "dataset": {
@@ -155,7 +156,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
         "pad_id": (int,),
     },
 }
-_OPTIONAL = {("experts", "user_token"), ("experts", "head"), ("experts", "projector_norm")}
+_OPTIONAL = {("experts", "user_token"), ("experts", "head"), ("experts", "projector_norm"), ("experts", "query")}
 
 
 def _type_ok(value: Any, types: tuple) -> bool:
@@ -167,7 +168,7 @@ def _type_ok(value: Any, types: tuple) -> bool:
 def schema_problem(info: Any) -> str | None:
     """What is wrong with an ``ilora.json`` document (a missing key, a wrong type, a value out of range)."""
     from ..llm.experts import GATE_TYPES
-    from ..llm.heads import HEADS
+    from ..llm.heads import HEADS, QUERIES
 
     if not isinstance(info, dict):
         return "ilora.json is not a JSON object"
@@ -193,6 +194,8 @@ def schema_problem(info: Any) -> str | None:
         return f"ilora.json names an unknown head {ex['head']!r}"
     if ex.get("projector_norm", "none") not in ("none", "token"):
         return f"ilora.json names an unknown projector_norm {ex['projector_norm']!r}"
+    if ex.get("query", "direct") not in QUERIES or (ex.get("query") == "residual" and ex.get("head") != "item"):
+        return f"ilora.json names a query {ex['query']!r} that its head cannot form"
     if ds["n_items"] < 1 or ds["pad_id"] != ds["n_items"] or ds["max_history"] < 1:
         return "ilora.json's dataset sizes are inconsistent"
     fusion = info.get("fusion")

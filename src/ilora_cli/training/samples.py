@@ -55,6 +55,16 @@ class TrainSamples:
         self.rows = rows
         self.hard_pool: np.ndarray | None = None  # (len(rows), P) the encoder's top items of each row
         self.n_hard = 0  # negatives per sample drawn from the pool
+        self.popularity: np.ndarray | None = None  # (n_items,) cumulative sampling probabilities (popularity)
+        self.log_q: np.ndarray | None = None  # (n_items,) log-probability of drawing each item as a negative
+
+    def use_popularity(self, targets: np.ndarray) -> None:
+        """Draw negatives in proportion to how often each item is a target of ``targets`` (the train split's, plus
+        one each), with replacement, so that an item's expected count is proportional to its probability q and the
+        softmax's logQ correction ``s − log q`` is exact (Bengio & Senécal, 2008; Yi et al., 2019)."""
+        counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=self.n_items)[: self.n_items] + 1.0
+        q = counts / counts.sum()
+        self.popularity, self.log_q = np.cumsum(q), np.log(q)
 
     def use_hard_negatives(self, encoder, fraction: float, pool: int) -> None:
         """Draw ``round(fraction · (C − 1))`` negatives of every sample from the encoder's top ``pool`` items
@@ -69,6 +79,14 @@ class TrainSamples:
             s.seq[self.rows], s.len_seq[self.rows], min(pool, self.n_items - s.seq.shape[1])
         )
 
+    def _popular_set(self, rng: np.random.Generator, excluded: set[int], target: int) -> np.ndarray:
+        """The target and ``n_candidates - 1`` negatives drawn by popularity with replacement, outside ``excluded``."""
+        need, negatives = self.n_candidates - 1, []
+        while len(negatives) < need:
+            draw = np.searchsorted(self.popularity, rng.random(2 * (need - len(negatives)) + 8) * self.popularity[-1])
+            negatives.extend(x for x in np.minimum(draw, self.n_items - 1).tolist() if x not in excluded)
+        return rng.permutation(np.array(negatives[:need] + [target], dtype=np.int64))
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -82,7 +100,9 @@ class TrainSamples:
         target = int(s.next[row])
         rng = np.random.default_rng([self.seed, epoch, int(s.sample_id[row])])
         excluded = set(history) | {target}
-        if self.hard_pool is None:
+        if self.popularity is not None:
+            cands = self._popular_set(rng, excluded, target)
+        elif self.hard_pool is None:
             cands = candidate_set(rng, excluded, target, self.n_items, self.n_candidates)
         else:
             pool = self.hard_pool[np.searchsorted(self.rows, row)]

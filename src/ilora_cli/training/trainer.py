@@ -25,6 +25,7 @@ from ..home import append_json_line, check_replaceable
 from . import validation
 from .batches import Prefetcher, build_batch
 from .config import TrainConfig
+from .fusion_fit import ApartRows
 from .identity import check_resume
 from .loss import batch_loss
 
@@ -147,7 +148,7 @@ class Trainer:
         set_seed(config.seed)
 
     def _setup_data(self) -> None:
-        from ..data.holdout import second_stage_rows
+        from ..data.holdout import second_stage_rows, set_apart, train_users
         from ..data.prepared import PreparedDataset
         from ..llm.prompt import TEMPLATE_SETS
         from .samples import TrainSamples
@@ -169,6 +170,7 @@ class Trainer:
                 f"{self.holdout['spec']}, training on {self.holdout['train_rows_from']}); an encoder with a holdout "
                 "leaves rows out for this stage (`ilora encode`, data/holdout.py)."
             )
+        rows, apart = set_apart(rows, train_users(self.dataset)[0], config.apart_users, config.seed)
         self.samples = TrainSamples(
             self.split,
             self.dataset.n_items,
@@ -180,6 +182,17 @@ class Trainer:
         )
         if config.hard_negatives > 0:
             self.samples.use_hard_negatives(encoder, config.hard_negatives, config.hard_pool)
+        self.log_q = None  # (n_items,) on the device with popularity sampling: the softmax's logQ correction
+        if config.negative_sampling == "popularity":
+            self.samples.use_popularity(self.split.next)
+            self.log_q = torch.as_tensor(self.samples.log_q, dtype=torch.float32, device=accelerator.device)
+        self.apart, self.apart_users, self.fusion_fit = None, 0, None  # the rows set apart (fusion_fit.py)
+        self.check = None  # the default ranking against the encoder on the val catalogue, at the end
+        if len(apart):
+            self.apart_users = int(len(np.unique(train_users(self.dataset)[0][apart])))
+            self.apart = ApartRows.build(
+                self.split, apart, config.head == "item", self.dataset.n_items, config.candidates, config.seed
+            )
         world = accelerator.num_processes
         self.per_step = config.batch_size * world * config.grad_accum  # samples per optimisation step
         self.micro_per_epoch = len(self.samples) // (config.batch_size * world)
@@ -214,6 +227,7 @@ class Trainer:
             user_token=config.user_token,
             head=config.head,
             projector_norm=config.projector_norm,
+            query=config.query,
         )
         torch.manual_seed(config.seed)
         fusion = {} if config.fusion == "learned" else None  # the initial weights: the encoder's ranking
@@ -271,6 +285,10 @@ class Trainer:
             "head": (head_lr, config.weight_decay),
             "fusion": (config.fusion_lr, 0.0),
         }
+        if self.apart is not None:  # the fusion is fitted on the rows set apart after training, not by the optimizer
+            del settings["fusion"]
+            for p in groups["fusion"]:
+                p.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": groups[name], "lr": lr, "weight_decay": wd, "name": name}
@@ -381,8 +399,13 @@ class Trainer:
         ]
         if config.distill_weight > 0:
             extras.append(f"distillation {config.distill_weight:g} at τ={config.distill_temperature:g}")
+        if config.head == "item":
+            extras.append(f"{config.query} query, softmax over the {config.loss_over}")
+        if config.negative_sampling != "uniform":
+            extras.append(f"{config.negative_sampling}-drawn negatives")
         if config.fusion == "learned":
-            extras.append("learned fusion with the encoder")
+            where = f"fitted on {len(self.apart)} rows set apart" if self.apart is not None else "fitted on every batch"
+            extras.append(f"fusion with the encoder {where}")
         if samples.n_hard:
             extras.append(f"{samples.n_hard} hard negatives per prompt")
         err.print(
@@ -443,6 +466,7 @@ class Trainer:
                     batch.to(device, non_blocking=True),
                     target_index,
                     config,
+                    self.log_q,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -515,6 +539,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if config.keep_best and self.step_count >= self.total_steps:
             validation.load_best(self)
+        if self.step_count >= self.total_steps:
+            self.fusion_fit = validation.fit_apart_fusion(self)
+            if self.fusion_fit is not None and self.main:
+                err.print(_fusion_note(self.fusion_fit))
+            self.check = validation.catalogue_check(self)
+            if self.check is not None and self.check["below"]:
+                labelled("note", _below_note(self.check))
         summary = self.save(train_seconds, done_samples)
         self.accelerator.end_training()
         return summary
@@ -555,7 +586,7 @@ class Trainer:
             "samples_per_second": sps,
             "seconds": round(seconds, 4),
         }
-        if self.unwrapped.fusion is not None:
+        if self.unwrapped.fusion is not None and self.apart is None:  # trained on the batches
             record["fusion"] = self.unwrapped.fusion.weights()
         append_json_line(self.log_file, record, _RESUME_HINT)
         scalars = {f"train/{k}": v for k, v in record.items() if k not in ("step", "fusion", "seconds")}
@@ -630,6 +661,15 @@ class Trainer:
             err.print(f"Stopped after step {self.step_count} of {self.total_steps}; continue with --resume.")
         return summary
 
+    def _fusion_fit_record(self) -> dict[str, Any]:
+        """How the fusion weights were fitted: on the rows set apart (and what the rankings did there), or on every
+        training batch, or not at all."""
+        if self.unwrapped.fusion is None:
+            return {"on": "none"}
+        if self.fusion_fit is None:
+            return {"on": "training batches", "note": "fitted on the rows the language model trained on"}
+        return {"on": "apart"} | {k: v for k, v in self.fusion_fit.items() if k != "weights"}
+
     def run_info(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The ``ilora.json`` document: everything ``eval`` and ``recommend`` need to rebuild the run."""
         from .run import file_sha256
@@ -650,6 +690,7 @@ class Trainer:
                 "user_token": experts.user_token,
                 "head": experts.head,
                 "projector_norm": experts.projector_norm,
+                "query": experts.query,
             },
             "head": {"kind": experts.head, "init": config.head_init if experts.head == "item" else None}
             | ({"fit": self.head_fit} if self.head_fit else {}),
@@ -658,7 +699,21 @@ class Trainer:
             "normalize": config.normalize,
             "templates": config.templates,
             "fusion": fusion.weights() if fusion is not None else None,
-            "holdout": dict(self.holdout, train_rows=len(self.samples)),
+            "fusion_fit": self._fusion_fit_record(),
+            "catalogue_check": self.check,
+            "objective_settings": {
+                "loss_over": config.loss_over,
+                "query": config.query if experts.head == "item" else None,
+                "negative_sampling": config.negative_sampling,
+                "candidates": config.candidates,
+                "hard_negatives": config.hard_negatives,
+            },
+            "holdout": dict(
+                self.holdout,
+                train_rows=len(self.samples),
+                apart_rows=len(self.apart) if self.apart is not None else 0,
+                apart_users=self.apart_users,
+            ),
             "encoder": {
                 "type": enc_info["type"],
                 "name": Path(enc_info["path"]).name,
@@ -676,6 +731,28 @@ class Trainer:
                 k: summary[k] for k in ("steps", "final_loss", "samples_seen", "processes", "kept") if k in summary
             },
         }
+
+
+def _below_note(check: dict[str, Any]) -> str:
+    return (
+        f"the default ranking is below the run's own encoder on the {check['split']} catalogue ({check['metric']} "
+        f"{check['default']:.4f} against {check['encoder']:.4f}, p = {check['p_value']:.3g}): what recommend returns "
+        "is ranked worse than the encoder alone would rank it; ilora.json, the card and recommend --json say so."
+    )
+
+
+def _fusion_note(fit: dict[str, Any]) -> str:
+    """The line that says what the fusion fitted on the rows set apart is, and how each ranking does there."""
+    m = fit["metrics"]
+    metric = "ndcg@10" if fit["over"] == "catalogue" else "mrr"
+    weights = fit["weights"]
+    fused = f"a = {weights['llm']:.3f}, b = {weights['encoder']:.3f}; " if weights else ""
+    return (
+        f"Fitted the fusion on the {fit['rows']} rows of the {fit['users']} users set apart ({fused}{metric} over the "
+        f"{fit['over']} there: "
+        + ", ".join(f"{name} {m[name][metric]:.3f}" for name in ("fused", "llm", "encoder") if name in m)
+        + ")."
+    )
 
 
 @contextmanager

@@ -95,29 +95,32 @@ def best_dir(trainer) -> Path:
 
 
 def keep_if_best(trainer, result: dict[str, Any] | None) -> None:
-    """Keep the weights when the run's default ranking (fused, else the LLM's) has its best val MRR so far."""
+    """Keep the weights when the run's default ranking (fused, else the LLM's) has its best selection metric so far
+    (:func:`selection`): on the rows set apart when there are any, else on val."""
     if not trainer.config.keep_best or result is None:
         return
     from .checkpoint import save_checkpoint
 
-    ranking = "fused" if "fused" in result["val"] else "llm"
-    mrr = result["val"][ranking]["mrr"]
+    chosen = result["selection"]
     kept = best(trainer)
-    if kept is None or mrr > kept["val_mrr"]:
+    if kept is None or chosen["value"] > kept["value"]:
         trainable = {n: p for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
-        state = {"step": trainer.step_count, "val_mrr": mrr, "ranking": ranking, "losses": trainer.losses}
+        state = {"step": trainer.step_count, **chosen, "losses": trainer.losses}
         save_checkpoint(best_dir(trainer), trainable, trainer.optimizer, trainer.scheduler, state, keep=1)
 
 
+KEPT_KEYS = ("step", "metric", "value", "chosen_on", "ranking")
+
+
 def best(trainer) -> dict[str, Any] | None:
-    """The kept best checkpoint's state (step, val_mrr, ranking) and path, or None."""
+    """The kept best checkpoint's state (step, metric, value, chosen_on, ranking) and path, or None."""
     from .checkpoint import list_checkpoints
 
     found = list_checkpoints(best_dir(trainer))
     if not found:
         return None
     state = json.loads((found[-1] / "state.json").read_text(encoding="utf-8"))
-    return {"step": state["step"], "val_mrr": state["val_mrr"], "ranking": state["ranking"], "path": found[-1]}
+    return {k: state[k] for k in KEPT_KEYS} | {"path": found[-1]}
 
 
 def load_best(trainer) -> None:
@@ -127,7 +130,7 @@ def load_best(trainer) -> None:
     kept = best(trainer)
     if kept is None:
         return
-    trainer.kept = {k: kept[k] for k in ("step", "val_mrr", "ranking")} | {"last_step": trainer.step_count}
+    trainer.kept = {k: kept[k] for k in KEPT_KEYS} | {"last_step": trainer.step_count}
     if kept["step"] != trainer.step_count:
         trainable = load_checkpoint(kept["path"])["trainable"]
         params = dict(trainer.unwrapped.named_parameters())
@@ -136,17 +139,70 @@ def load_best(trainer) -> None:
                 params[name].copy_(value)
     if trainer.main:
         err.print(
-            f"Keeping the weights of step {kept['step']} (best val MRR {kept['val_mrr']:.4f}, {kept['ranking']} "
-            f"ranking) in the run directory; the last step's ({trainer.step_count}) stay in checkpoints/."
+            f"Keeping the weights of step {kept['step']} (best {kept['metric']} {kept['value']:.4f} of the "
+            f"{kept['ranking']} ranking on the {kept['chosen_on']} rows) in the run directory; the last step's "
+            f"({trainer.step_count}) stay in checkpoints/."
         )
 
 
-def validate(trainer, step: int) -> dict[str, Any] | None:
-    """Score the val rows with the model as it is now (main process); log HR@1 and MRR of the LLM alone,
-    the fused ranking and the encoder, mean over the candidate draws. Training is not disturbed: no RNG
-    is drawn and the model goes back to training mode."""
-    from ..evaluation.evaluate import EvalConfig, evaluate_run, load_split
+def run_view(trainer):
+    """The model in training seen as a loaded run (training/run.py), so that evaluation's code scores it."""
     from .run import LoadedRun
+
+    config, model = trainer.config, trainer.unwrapped
+    info = {
+        "experts": {"head": config.head},
+        "dataset": {"pad_id": trainer.dataset.pad_id, "max_history": trainer.dataset.max_history},
+        "normalize": config.normalize,
+        "fusion": model.fusion.weights() if model.fusion is not None else None,
+    }
+    return LoadedRun(model, trainer.builder.tokenizer, trainer.builder, info, trainer.dataset.titles)
+
+
+def fit_apart_fusion(trainer) -> dict[str, Any] | None:
+    """Fit the fusion weights on the rows set apart with the model as it is now (fusion_fit.py), set them, and return
+    what the run records: the weights, the rows and users, and the rankings' metrics on those rows. None when no rows
+    are set apart. Run by every process (the weights are part of every process's digest); no RNG is drawn."""
+    apart, model = trainer.apart, trainer.unwrapped
+    if apart is None:
+        return None
+    model.eval()
+    try:
+        weights, on_apart = apart.fit(run_view(trainer), batch_size=max(16, trainer.config.batch_size))
+    finally:
+        model.train()
+    if model.fusion is not None:
+        with torch.no_grad():
+            model.fusion.llm_weight.fill_(weights["llm"])
+            model.fusion.encoder_weight.fill_(weights["encoder"])
+    return {
+        "rows": len(apart),
+        "users": int(trainer.apart_users),
+        "weights": {"llm": weights["llm"], "encoder": weights["encoder"]} if model.fusion is not None else None,
+        "loss": weights["loss"],
+        "over": "catalogue" if apart.catalogue else f"{apart.split.candidates.shape[2]} candidates",
+        "metrics": on_apart,
+    }
+
+
+def selection(trainer, val: dict[str, Any], apart: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``--keep-best`` compares: the default ranking's catalogue NDCG@10 (item head) or MRR (title head) on the
+    rows set apart, where there are any (no stage was fitted on them), else on val."""
+    ranking = "fused" if trainer.unwrapped.fusion is not None else "llm"
+    if apart is not None:
+        metric = "ndcg@10" if trainer.apart.catalogue else "mrr"
+        return {"metric": metric, "value": apart["metrics"][ranking][metric], "chosen_on": "apart", "ranking": ranking}
+    metric = "full_ndcg@10" if trainer.config.head == "item" else "mrr"
+    return {"metric": metric, "value": val[ranking][metric], "chosen_on": "val", "ranking": ranking}
+
+
+def validate(trainer, step: int) -> dict[str, Any] | None:
+    """Score the val rows with the model as it is now (main process): HR@1, HR@5, NDCG@5 and MRR of the LLM alone,
+    the fused ranking and the encoder (mean over the candidate draws), and for the item head the catalogue's
+    NDCG@10, HR@10 and MRR; with rows set apart, the fusion is first fitted there and the selection of
+    ``--keep-best`` is made there. Training is not disturbed: no RNG is drawn and the model goes back to training
+    mode."""
+    from ..evaluation.evaluate import EvalConfig, evaluate_run, load_split
 
     result = None
     if trainer.main:
@@ -154,45 +210,89 @@ def validate(trainer, step: int) -> dict[str, Any] | None:
         if not hasattr(trainer, "_val_split"):
             ev = EvalConfig(runs=["training"], draws=config.validate_draws, max_samples=config.validate_rows)
             trainer._val_split = load_split(ev, trainer.dataset)
-        info = {
-            "experts": {"head": config.head},
-            "dataset": {"pad_id": trainer.dataset.pad_id, "max_history": trainer.dataset.max_history},
-            "normalize": config.normalize,
-            "fusion": model.fusion.weights() if model.fusion is not None else None,
-        }
-        run = LoadedRun(model, trainer.builder.tokenizer, trainer.builder, info, trainer.dataset.titles)
         t0 = time.perf_counter()
+        apart = fit_apart_fusion(trainer)
         model.eval()
         try:
             ev = EvalConfig(runs=["training"], batch_size=max(16, config.batch_size), quiet=True)
-            out = evaluate_run(run, trainer._val_split, ev, "validation", None)
+            out = evaluate_run(run_view(trainer), trainer._val_split, ev, "validation", None)
         finally:
             model.train()
-        rankings = {"llm": out["llm"] if "llm" in out else out, "encoder": out["encoder"]}
-        if out["ranking"] == "fused":
-            rankings["fused"] = out
+        val = _val_metrics(out)
         result = {
             "step": step,
             "samples": step * trainer.per_step,
             "llm_encoder_top1_agreement": out.get("llm_encoder_top1_agreement"),
-            "val": {
-                name: {m: r["metrics"][m]["mean"] for m in ("hr@1", "hr@5", "ndcg@5", "mrr")}
-                for name, r in rankings.items()
-            },
+            "val": val,
             "val_rows": len(trainer._val_split),
             "val_draws": int(trainer._val_split.candidates.shape[1]),
+            "apart": apart,
+            "selection": selection(trainer, val, apart),
             "val_seconds": round(time.perf_counter() - t0, 3),
         }
         append_json_line(trainer.run_dir / "logs" / "validation.jsonl", result, _RESUME_HINT)
-        trainer.accelerator.log(
-            {f"val/{name}_{m}": v for name, ms in result["val"].items() for m, v in ms.items()}, step=step
-        )
-        llm, fused = result["val"]["llm"], result["val"].get("fused")
-        err.print(
-            f"step {step}: val HR@1 / MRR  LLM {llm['hr@1']:.3f} / {llm['mrr']:.3f}"
-            + (f"  fused {fused['hr@1']:.3f} / {fused['mrr']:.3f}" if fused else "")
-            + f"  encoder {result['val']['encoder']['hr@1']:.3f} / {result['val']['encoder']['mrr']:.3f}"
-            + f"  ({result['val_seconds']:.0f} s)"
-        )
+        trainer.accelerator.log({f"val/{name}_{m}": v for name, ms in val.items() for m, v in ms.items()}, step=step)
+        err.print(_val_line(step, val, result["val_seconds"]))
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+_VAL_SAMPLED = ("hr@1", "hr@5", "ndcg@5", "mrr")
+_VAL_CATALOGUE = ("full_ndcg@10", "full_hr@10", "full_mrr")
+
+
+def _val_metrics(out: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{ranking: {metric: mean over the draws}} of an evaluation: the sampled metrics, and the catalogue's where the
+    head ranks it."""
+    rankings = {"llm": out["llm"] if "llm" in out else out, "encoder": out["encoder"]}
+    if out["ranking"] == "fused":
+        rankings["fused"] = out
+    names = _VAL_SAMPLED + tuple(m for m in _VAL_CATALOGUE if m in out["metrics"])
+    return {name: {m: r["metrics"][m]["mean"] for m in names} for name, r in rankings.items()}
+
+
+def _val_line(step: int, val: dict[str, dict[str, float]], seconds: float) -> str:
+    """The progress line of one validation: HR@1 / MRR per ranking, and the catalogue's NDCG@10 where measured."""
+
+    def one(name: str) -> str:
+        m = val[name]
+        text = f"{name} {m['hr@1']:.3f} / {m['mrr']:.3f}"
+        return text + (f" / {m['full_ndcg@10']:.3f}" if "full_ndcg@10" in m else "")
+
+    what = "HR@1 / MRR" + (" / catalogue NDCG@10" if "full_ndcg@10" in val["llm"] else "")
+    shown = [n for n in ("llm", "fused", "encoder") if n in val]
+    return f"step {step}: val {what}  " + "  ".join(one(n) for n in shown) + f"  ({seconds:.0f} s)"
+
+
+def catalogue_check(trainer) -> dict[str, Any] | None:
+    """At the end of training (main process), for a head that ranks the catalogue: the default ranking against the
+    run's own encoder on the val catalogue (NDCG@10, the history excluded), with the paired test over users — what
+    ``recommend`` and the card report as ``below_encoder``. A report only: nothing is chosen on it. None for the
+    title head (its catalogue ranking needs a forward per candidate) or without val rows."""
+    from .. import metrics
+    from ..evaluation.evaluate import EvalConfig, evaluate_run, load_split
+
+    if not trainer.main or trainer.config.head != "item" or "val" not in trainer.dataset.splits:
+        return None
+    split = load_split(EvalConfig(runs=["training"]), trainer.dataset)
+    if len(split) == 0:
+        return None
+    model = trainer.unwrapped
+    model.eval()
+    try:
+        ev = EvalConfig(runs=["training"], batch_size=max(16, trainer.config.batch_size), quiet=True)
+        out = evaluate_run(run_view(trainer), split, ev, "check", None)
+    finally:
+        model.train()
+    ranks = out["_per_user"]["catalogue_ranks"]
+    default, encoder = (metrics.per_user_ndcg(ranks[r], 10) for r in ("default", "encoder"))
+    test = metrics.paired_permutation_test(default, encoder)
+    return {
+        "split": split.name,
+        "rows": len(split),
+        "metric": metrics.CATALOGUE_METRIC,
+        "default": float(default.mean()),
+        "encoder": float(encoder.mean()),
+        "below": bool(default.mean() < encoder.mean()),
+        "p_value": test["p_value"],
+    }

@@ -121,6 +121,11 @@ def test_results_json_csv_and_plots(grid):
     cell = json.loads((out / "cells" / "k2.json").read_text())
     assert np.mean(cell["per_user"]["default"]) == pytest.approx(k2["metrics"]["mrr"]["mean"], abs=1e-4)
     assert np.mean(cell["per_user"]["llm"]) == pytest.approx(k2["llm_metrics"]["mrr"]["mean"], abs=1e-4)
+    # the item head ranks the catalogue: the test runs on each user's catalogue NDCG@10, which averages to the metric
+    assert cell["test_metric"] == vs["default"]["metric"] == "full_ndcg@10"
+    catalogue = cell["per_user"]["catalogue"]
+    assert np.mean(catalogue["default"]) == pytest.approx(k2["metrics"]["full_ndcg@10"]["mean"], abs=1e-4)
+    assert np.mean(catalogue["llm"]) == pytest.approx(k2["llm_metrics"]["full_ndcg@10"]["mean"], abs=1e-4)
     assert [e["name"] for e in doc["encoders"]] == ["sasrec alone"]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["name"] for r in rows] == ["k1", "k2", "sasrec alone"]

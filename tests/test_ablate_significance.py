@@ -85,3 +85,14 @@ def test_cells_on_different_rows_are_not_paired():
     c = {"per_user": {"sample_id": [1, 2], "default": [0.5, 0.5]}, "eval_rows_key": "x:val"}
     out = compare(a, c, "default", 1000, 0)
     assert out["p_value"] == pytest.approx(1.0) and out["significant"] is False  # one differing user: p = 2/2
+
+
+def test_cells_that_ranked_the_catalogue_are_tested_on_it():
+    """Both cells carry per-user catalogue NDCG@10: the test uses it (and says so), not the reciprocal ranks."""
+    a = {"per_user": {"sample_id": [1, 2, 3], "default": [1.0, 1.0, 1.0]}, "eval_rows_key": "x:val"}
+    b = {"per_user": {"sample_id": [1, 2, 3], "default": [0.1, 0.1, 0.1]}, "eval_rows_key": "x:val"}
+    assert compare(a, b, "default", 1000, 0)["metric"] == "mrr"
+    a["per_user"]["catalogue"] = {"default": [0.3, 0.2, 0.1]}
+    b["per_user"]["catalogue"] = {"default": [0.3, 0.2, 0.1]}
+    out = compare(a, b, "default", 1000, 0)
+    assert out["metric"] == "full_ndcg@10" and out["n_nonzero"] == 0 and out["p_value"] == 1.0

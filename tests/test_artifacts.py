@@ -52,7 +52,7 @@ def test_api_train_evaluate_recommend_export_and_merge(world, tmp_path):
     card = (run_dir / "README.md").read_text()
     assert f"`{backbone}`" in card and "K = 1" in card and "Not evaluated yet" in card
     ev = evaluate(runs=["api-k1"], encoder=True, max_samples=4)
-    assert set(ev["results"]) == {"api-k1", "encoder"}
+    assert set(ev["results"]) == {"api-k1", "encoder", "popularity"}
     card = (run_dir / "README.md").read_text()
     assert "`ilora eval` on val / score /" in card and "| encoder |" in card
 

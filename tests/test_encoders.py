@@ -167,7 +167,8 @@ def test_evaluate_encoder_keys_and_a_perfect_model(home):
     split = PreparedDataset.open("tiny").split("val")
     result = evaluate_encoder(Oracle(N_ITEMS), split, N_ITEMS)
     assert result["protocol"] == f"sampled, {N_CANDIDATES} candidates"
-    names = ["hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10", "mrr", "full_hr@10", "full_ndcg@10"]
+    names = ["hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10", "mrr"]
+    names += ["full_hr@10", "full_hr@20", "full_hr@50", "full_ndcg@10", "full_ndcg@20", "full_mrr"]
     assert sorted(k for k in result if k != "protocol") == sorted(names)
     for name in names:
         assert result[name]["mean"] == pytest.approx(1.0)

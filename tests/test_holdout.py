@@ -190,6 +190,8 @@ def test_train_records_its_rows_and_eval_says_when_the_encoder_saw_them(tiny_wor
         "rows": len(part.second_stage_rows),
         "encoder_saw_training_rows": False,
         "train_rows": len(part.second_stage_rows),
+        "apart_rows": 0,
+        "apart_users": 0,
     }
     assert honest["complete"]
     train(TrainConfig(name="ho-none", holdout="none", **common))
@@ -217,11 +219,11 @@ def test_eval_names_another_encoder_beside_the_runs(tiny_world, monkeypatch):
     r = run_cli("eval", "--run", "named-enc", "--encoder", "cyc-full", "--max-samples", "4", "--json", home=tiny_world)
     assert r.returncode == 0, r.stderr
     results = json.loads(r.stdout)["results"]
-    assert set(results) == {"named-enc", "encoder", "encoder:cyc-full"}
+    assert set(results) == {"named-enc", "encoder", "encoder:cyc-full", "popularity"}
     assert results["encoder:cyc-full"]["metrics"]["mrr"]["n_draws"] == 2
     r = run_cli("eval", "--run", "named-enc", "--encoder", "--max-samples", "4", "--json", home=tiny_world)
-    assert r.returncode == 0 and set(json.loads(r.stdout)["results"]) == {"named-enc", "encoder"}
+    assert r.returncode == 0 and set(json.loads(r.stdout)["results"]) == {"named-enc", "encoder", "popularity"}
     r = run_cli("eval", "--dataset", "cyc", "--encoder", "cyc-full", "draws=1", "--json", home=tiny_world)
-    assert r.returncode == 0 and set(json.loads(r.stdout)["results"]) == {"encoder"}
+    assert r.returncode == 0 and set(json.loads(r.stdout)["results"]) >= {"encoder"}
     r = run_cli("eval", "--run", "named-enc", "--encoder", "nope", home=tiny_world)
     assert r.returncode == 2 and "No encoder named 'nope'" in r.stderr

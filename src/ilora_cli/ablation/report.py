@@ -14,7 +14,8 @@ from .grid import axes_of
 from .significance import ALPHA, TEST_NAME, compare
 
 METRICS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
-TABLE_METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")
+CATALOGUE = ("full_hr@10", "full_hr@20", "full_hr@50", "full_ndcg@10", "full_ndcg@20", "full_mrr")
+TABLE_METRICS = ("hr@1", "mrr", "full_ndcg@10", "full_hr@10")  # sampled, then the catalogue's (item head)
 
 
 def write_results(p, status: dict[str, str], seconds: float) -> dict[str, Any]:
@@ -100,6 +101,11 @@ def _cell_row(p, cell, doc, ref, status) -> dict[str, Any]:
             "delta_mrr": doc["metrics"]["mrr"]["mean"] - ref["metrics"]["mrr"]["mean"],
             "delta_llm_mrr": doc["llm_metrics"]["mrr"]["mean"] - ref["llm_metrics"]["mrr"]["mean"],
         }
+        metric = row["vs_reference"]["default"].get("metric")
+        if metric and metric in doc["metrics"] and metric in ref["metrics"]:
+            row["vs_reference"]["metric"] = metric
+            row["vs_reference"]["delta"] = doc["metrics"][metric]["mean"] - ref["metrics"][metric]["mean"]
+            row["vs_reference"]["delta_llm"] = doc["llm_metrics"][metric]["mean"] - ref["llm_metrics"][metric]["mean"]
     row["vs_encoder"] = compare(doc, doc, "default", reference_ranking="encoder", **args)
     return row
 
@@ -157,6 +163,10 @@ def _pm(m: dict[str, Any] | None) -> str:
     return f"{m['mean']:.4f} ± {m['std']:.4f}" if m.get("n_draws", 1) > 1 else f"{m['mean']:.4f}"
 
 
+def _header(metric: str) -> str:
+    return f"catalogue {metric[5:].upper()}" if metric.startswith("full_") else metric.upper()
+
+
 def print_table(doc: dict[str, Any]) -> None:
     finished = [c for c in doc["cells"] if c["metrics"] is not None]
     protocols = sorted({c["protocol"] for c in finished})
@@ -172,43 +182,46 @@ def print_table(doc: dict[str, Any]) -> None:
         if finished
         else f"Ablation {doc['ablation']}: no finished cell yet"
     )
+    catalogue = any("full_ndcg@10" in c["metrics"] for c in finished)
+    shown = TABLE_METRICS if catalogue else TABLE_METRICS[:2]
+    llm_shown = ("hr@1", "mrr", "full_ndcg@10") if catalogue else ("hr@1", "mrr")
     t.add_column("cell")
-    for m in TABLE_METRICS:
-        t.add_column(m.upper(), justify="right")
-    t.add_column("LLM alone HR@1", justify="right")
-    t.add_column("LLM alone MRR", justify="right")
-    t.add_column("Δ MRR", justify="right")
+    for m in shown:
+        t.add_column(_header(m), justify="right")
+    for m in llm_shown:
+        t.add_column(f"LLM alone {_header(m)}", justify="right")
+    t.add_column("Δ " + ("catalogue NDCG@10" if catalogue else "MRR"), justify="right")
     t.add_column("p", justify="right")
     t.add_column("min", justify="right")
     for c in doc["cells"]:
         if c["metrics"] is None:
-            t.add_row(c["name"], *["—"] * 8, c["status"])
+            t.add_row(c["name"], *["—"] * (len(shown) + len(llm_shown) + 2), c["status"])
             continue
         vs = c.get("vs_reference")
         if vs is None:
             delta, p = "ref", "ref"
         else:
-            delta = f"{vs['delta_mrr']:+.4f}"
+            delta = f"{vs.get('delta', vs['delta_mrr']):+.4f}"
             pv = vs["default"]["p_value"]
             p = "n/a" if pv is None else f"{pv:.3f}" + (" *" if vs["default"]["significant"] else "")
         name = c["name"] + (" (fused)" if c["ranking"] == "fused" else "")
         llm = c["llm_metrics"]
         t.add_row(
             name,
-            *[_pm(c["metrics"].get(m)) for m in TABLE_METRICS],
-            _pm(llm.get("hr@1")),
-            _pm(llm.get("mrr")),
+            *[_pm(c["metrics"].get(m)) for m in shown],
+            *[_pm(llm.get(m)) for m in llm_shown],
             delta,
             p,
             f"{c['minutes']:.1f}",
         )
     for e in doc["encoders"]:
-        t.add_row(e["name"], *[_pm(e["metrics"].get(m)) for m in TABLE_METRICS], "—", "—", "", "", "")
+        blanks = ["—"] * len(llm_shown) + ["", "", ""]
+        t.add_row(e["name"], *[_pm(e["metrics"].get(m)) for m in shown], *blanks)
     err.print(t)
     err.print(
         f"p: {doc['significance']['test']}, of each cell's default ranking against the reference cell "
         f"{doc['reference']}; * p < {ALPHA}. (fused): ranked by a·LLM + b·encoder; LLM alone: the language model's "
-        "scores without the encoder."
+        "scores without the encoder; catalogue: the whole catalogue, history excluded (what recommend returns)."
     )
     if doc.get("cross_domain"):
         labelled("cross-domain", doc["cross_domain"]["comparable"])
@@ -225,8 +238,10 @@ def results_csv(doc: dict[str, Any]) -> str:
     axes = list(doc["axes"])
     header = ["name", "status", *axes, "ranking"]
     header += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    header += list(CATALOGUE)
     header += [f"llm_{m}_{s}" for m in ("hr@1", "mrr") for s in ("mean", "std")]
-    header += ["delta_mrr", "p_value", "significant", "llm_p_value", "minutes", "run_dir"]
+    header += [f"llm_{m}" for m in CATALOGUE]
+    header += ["test_metric", "delta", "delta_mrr", "p_value", "significant", "llm_p_value", "minutes", "run_dir"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -235,8 +250,12 @@ def results_csv(doc: dict[str, Any]) -> str:
         vs = c.get("vs_reference") or {}
         row = [c["name"], c["status"], *[c["axes"].get(a, "") for a in axes], c.get("ranking", "")]
         row += [_num(m.get(k, {}).get(s)) for k in METRICS for s in ("mean", "std")]
+        row += [_num(m.get(k, {}).get("mean")) for k in CATALOGUE]
         row += [_num(llm.get(k, {}).get(s)) for k in ("hr@1", "mrr") for s in ("mean", "std")]
+        row += [_num(llm.get(k, {}).get("mean")) for k in CATALOGUE]
         row += [
+            (vs.get("default") or {}).get("metric", ""),
+            _num(vs.get("delta")),
             _num(vs.get("delta_mrr")),
             _num((vs.get("default") or {}).get("p_value")),
             (vs.get("default") or {}).get("significant", ""),
@@ -248,7 +267,8 @@ def results_csv(doc: dict[str, Any]) -> str:
     for e in doc["encoders"]:
         row = [e["name"], "reference", *[""] * len(axes), "encoder"]
         row += [_num(e["metrics"].get(k, {}).get(s)) for k in METRICS for s in ("mean", "std")]
-        row += [""] * (4 + 6)
+        row += [_num(e["metrics"].get(k, {}).get("mean")) for k in CATALOGUE]
+        row += [""] * (4 + len(CATALOGUE) + 8)
         w.writerow(row)
     return buf.getvalue()
 

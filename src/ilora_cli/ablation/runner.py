@@ -365,7 +365,13 @@ def cell_problem(doc: dict[str, Any]) -> str | None:
         if not _number(doc.get(key)):
             return f"no {key}"
     per_user = doc.get("per_user")
-    if not (isinstance(per_user, dict) and all(isinstance(v, list) for v in per_user.values())):
+    if not isinstance(per_user, dict):
+        return "no per-user results"
+    catalogue = per_user.get("catalogue", {})  # per ranking, where the cell ranked the catalogue
+    lists = [v for k, v in per_user.items() if k != "catalogue"] + list(
+        catalogue.values() if isinstance(catalogue, dict) else [None]
+    )
+    if not all(isinstance(v, list) for v in lists):
         return "no per-user results"
     return None
 
@@ -402,7 +408,7 @@ def _evaluate(p: Plan, key: str, cells: list[Cell]) -> None:
     from ..evaluation.evaluate import EvalConfig, evaluate_run
     from ..training.config import TrainConfig
     from ..training.run import load_run
-    from .significance import per_user_rr
+    from .significance import per_user_values, test_metric
 
     directory = run_dir(p, cells[0])
     run = load_run(directory, device=resolve_device(p.config.train.get("device", "auto")))
@@ -434,7 +440,8 @@ def _evaluate(p: Plan, key: str, cells: list[Cell]) -> None:
             "metrics": out["metrics"],
             "llm_metrics": out["llm"]["metrics"] if "llm" in out else out["metrics"],
             "encoder_metrics": out["encoder"]["metrics"],
-            "per_user": per_user_rr(predictions),
+            "per_user": per_user_values(predictions, out),
+            "test_metric": test_metric(out),
             "train_minutes": round(train_minutes(p, cell), 3),
             "eval_minutes": round(seconds / 60, 3),
             "cross_domain": report,

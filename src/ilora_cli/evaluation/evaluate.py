@@ -211,7 +211,7 @@ def _score_mode(run, split: SplitData, config: EvalConfig, retrieve: int | None,
         out["llm"] = {"metrics": result["llm"]}
     out["encoder"] = {"metrics": result["encoder"]}  # on the same rows and candidates
     # per user, for the paired tests of evaluate(); taken out of the document before it is printed
-    out["_per_user"] = {"rr": rr | {"default": rr[rankings[-1]]}}
+    out["_per_user"] = {"sample_id": split.sample_id, "rr": rr | {"default": rr[rankings[-1]]}}
     if catalogue_ranks is not None:
         out["_per_user"]["catalogue_ranks"] = catalogue_ranks | {"default": catalogue_ranks[rankings[-1]]}
     return out, lines

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ilora_cli.llm.heads import scorer
-from ilora_cli.training.loop import TrainConfig, batch_loss, train
+from ilora_cli.training.loop import TrainConfig, batch_loss
 from ilora_cli.training.loss import history_mask
 from test_heads import CANDS, HIST, _item_setup, _prefix
 

@@ -109,6 +109,7 @@ def test_logs_are_plain_lines_without_third_party_noise(tiny_world, tmp_path):
     assert re.search(
         r"^encode sasrec .*epoch 2 loss [\d.]+  val \S+ [\d.]+ \(best [\d.]+ @ epoch 1\)", enc.stderr, re.M
     )
+    assert "(whole catalogue, history excluded)" in enc.stderr and "ndcg@20" in enc.stderr  # the catalogue table
     tr = subprocess.run(
         [
             *cmd,

@@ -175,7 +175,7 @@ def encode(
     from .config import resolve
     from .encoders.train import EncodeConfig
     from .encoders.train import encode as run_encode
-    from .report import metrics_table
+    from .report import catalogue_table, metrics_table
 
     cfg = resolve(
         EncodeConfig,
@@ -198,6 +198,7 @@ def encode(
     }
     protocol = next((m.get("protocol") for m in rows.values() if m.get("protocol")), "sampled")
     metrics_table(f"Encoder {result['model']} on {cfg.dataset}", rows, protocol)
+    catalogue_table(f"Encoder {result['model']} on {cfg.dataset}", rows)
     if json:
         from .console import print_json
 
@@ -331,7 +332,8 @@ def eval_(
     json: JsonOpt = False,
     overrides: Overrides = None,
 ) -> None:
-    """Evaluate trained runs (and the encoder) on the frozen candidate draws: HR@K, NDCG@K, MRR (mean ± std)."""
+    """Evaluate trained runs (and the encoder, and popularity) on the frozen candidate draws (HR@K, NDCG@K, MRR, mean ±
+    std) and, for the item head, on the whole catalogue with the history left out (what recommend returns)."""
     from .config import resolve
     from .evaluation.evaluate import EvalConfig, evaluate
     from .report import eval_report, eval_rows

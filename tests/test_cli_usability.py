@@ -142,7 +142,7 @@ def test_logs_are_plain_lines_without_third_party_noise(tiny_world, tmp_path):
     for noise in ("Warning", "\r", "it/s]", "Loading weights", "gemm_4bit"):
         assert noise not in tr.stderr, noise
     assert json.loads(tr.stdout)["steps"] == 3
-    assert "Pictures: plots/loss.png, plots/gates.png." in tr.stderr
+    assert "Pictures: plots/loss.png, plots/gate-training.png, plots/gates.png." in tr.stderr
 
 
 def test_every_example_config_states_its_command_and_resolves():

@@ -117,13 +117,44 @@ def validation_curves(records: list[dict[str, Any]], path: Path, title: str = "v
     return _save(fig, path)
 
 
+def gate_curves(records: list[dict[str, Any]], path: Path, title: str = "gate") -> Path:
+    """The gate over the optimisation steps (training/gate_stats.py): its entropy against log K, the load of each
+    expert, the spread across users and the drift of its weights from their initialisation."""
+    plt = _pyplot()
+    records = [r for r in records if _number(r.get("gate_entropy"), r.get("gate_spread"))]
+    steps = [r["step"] for r in records]
+    load = np.array([r["gate_load"] for r in records], dtype=float)  # (steps, K)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    axes[0].plot(steps, [r["gate_entropy"] for r in records])
+    axes[0].axhline(np.log(load.shape[1]), ls="--", color="grey", label="log K (uniform)")
+    axes[0].legend()
+    for k in range(load.shape[1]):
+        axes[1].plot(steps, load[:, k], label=f"expert {k}")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(steps, [r["gate_spread"] for r in records])
+    drift = [(r["step"], r["gate_drift"]) for r in records if _number(r.get("gate_drift"))]
+    if drift:
+        axes[3].plot(*zip(*drift))
+    labels = ("entropy (nats)", "mean weight per expert", "spread across users (std of K·g)", "drift ‖W−W₀‖/‖W₀‖")
+    for ax, label in zip(axes, labels):
+        _integer_steps(ax)
+        ax.set_xlabel("optimisation step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def training_plots(run_dir: Path) -> list[Path]:
-    """``plots/loss.png`` (and ``plots/validation.png`` when validation ran) from a run's logs."""
+    """``plots/loss.png``, ``plots/gate-training.png`` (K > 1) and ``plots/validation.png`` (when validation ran)
+    from a run's logs."""
     run_dir = Path(run_dir)
     written = []
     train = train_records(run_dir)
     if train:
         written.append(loss_curve(train, run_dir / "plots" / "loss.png", f"{run_dir.name}: training loss"))
+    if any(_number(r.get("gate_entropy")) for r in train):
+        written.append(gate_curves(train, run_dir / "plots" / "gate-training.png", f"{run_dir.name}: the gate"))
     val = validation_records(run_dir)
     if val:
         written.append(validation_curves(val, run_dir / "plots" / "validation.png", f"{run_dir.name}: validation"))

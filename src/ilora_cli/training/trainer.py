@@ -22,7 +22,7 @@ from ..console import err, labelled, progress
 from ..devices import resolve_device
 from ..errors import UserError
 from ..home import append_json_line, check_replaceable
-from . import validation
+from . import gate_stats, validation
 from .batches import Prefetcher, build_batch
 from .config import TrainConfig
 from .fusion_fit import ApartRows
@@ -84,6 +84,7 @@ class Trainer:
         self._setup_accelerator()
         self._setup_data()
         self._setup_model()
+        self.gate_init = gate_stats.snapshot(self._gate_params()) if config.experts > 1 else None  # W(0)
         self._setup_optimizer()
         self.step_count, self.losses, self.resumed_from, self.kept = 0, [], None, None
         self.prefetcher, self._clip_groups = None, None  # made at the first step
@@ -458,7 +459,7 @@ class Trainer:
         losses, step_terms = [], {}
         for batch, target_index in batches:
             with accelerator.accumulate(self.model):
-                loss, terms, _ = batch_loss(
+                loss, terms, gates = batch_loss(
                     self.model,
                     self.unwrapped,
                     self.scorer,
@@ -468,6 +469,8 @@ class Trainer:
                     config,
                     self.log_q,
                 )
+                if self.gate_init is not None and gates is not None:
+                    terms = {**terms, **gate_stats.batch_stats(gates)}
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     self._clip_gradients()
@@ -576,7 +579,12 @@ class Trainer:
         project = "tensorboard" if config.report_to == "tensorboard" else "ilora"
         self.accelerator.init_trackers(project, config=settings, init_kwargs=kwargs)
 
+    def _gate_params(self) -> list[torch.nn.Parameter]:
+        model = self.unwrapped if hasattr(self, "unwrapped") else self.model
+        return model.trainable_parameters()["gate"]
+
     def _log(self, step, loss, terms, lr, sps, seconds) -> None:
+        gate = gate_stats.log_fields(terms, self._gate_params(), self.gate_init)  # taken out of terms
         record = {
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
@@ -585,12 +593,17 @@ class Trainer:
             "lr": lr,
             "samples_per_second": sps,
             "seconds": round(seconds, 4),
+            **gate,
         }
         if self.unwrapped.fusion is not None and self.apart is None:  # trained on the batches
             record["fusion"] = self.unwrapped.fusion.weights()
         append_json_line(self.log_file, record, _RESUME_HINT)
-        scalars = {f"train/{k}": v for k, v in record.items() if k not in ("step", "fusion", "seconds")}
+        skip = ("step", "fusion", "seconds", "gate_load", "gate_drift")
+        scalars = {f"train/{k}": v for k, v in record.items() if k not in skip}
         scalars.update({f"train/fusion_{k}": v for k, v in record.get("fusion", {}).items()})
+        scalars.update({f"train/gate_load_{k}": v for k, v in enumerate(record.get("gate_load", []))})
+        if record.get("gate_drift") is not None:
+            scalars["train/gate_drift"] = record["gate_drift"]
         self.accelerator.log(scalars, step=step)
 
     # -- save ----------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
 
     full_train = dataset.split("train")
     rows = partition(dataset, config.holdout)
-    train = full_train.select(__import__("numpy").arange(len(rows.encoder_rows)))
+    train = full_train.select(rows.encoder_rows)
     val = dataset.split("val") if "val" in dataset.splits else None
     test = dataset.split("test") if "test" in dataset.splits else None
     if len(train) == 0:

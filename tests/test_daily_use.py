@@ -69,6 +69,36 @@ def test_our_schedule_is_not_transformers_cosine_with_min_lr_so_it_stays():
     np.testing.assert_allclose(seq_ours[4:], seq_theirs[4:], rtol=1e-12)  # identical cosine after warm-up
 
 
+def _assert_each_users_own_gate(run_dir, doc, seed):
+    """gates.json's mean gate of each cluster is the mean, over the cluster's val rows, of each user's own gate
+    softmax(W u + b), computed here by hand from the run's saved gate weights and the encoder's representation u
+    of the user's history; and the users' gates, and so the clusters' means, differ."""
+    from safetensors.torch import load_file
+
+    from ilora_cli import plots
+    from ilora_cli.data.prepared import PreparedDataset
+    from ilora_cli.training.run import load_run
+
+    run = load_run(run_dir)
+    split = PreparedDataset.open(run.info["dataset"]["name"]).split("val")
+    n = doc["rows"]
+    assert n == len(split)
+    info = run.info["dataset"]
+    prefix = run.builder.batch(split.histories()[:n], [[]] * n, None, None, info["pad_id"], info["max_history"])
+    weights = load_file(run_dir / "gate.safetensors")
+    w, b = weights["gate.net.weight"], weights["gate.net.bias"]  # (K, d), (K,)
+    with torch.no_grad():
+        users = run.model.encoder(prefix.history, prefix.history_len).float()  # (n, d)
+        rows = torch.softmax(users @ w.T + b, dim=-1).numpy()  # (n, K)
+    assert np.ptp(rows, axis=0).max() > 1e-3  # users with other histories get other gates
+    groups = plots.kmeans(users.numpy(), int(min(8, max(2, n // 10))), seed=seed)  # the picture's clusters
+    assert doc["size"] == {str(g): int((groups == g).sum()) for g in np.unique(groups)}
+    for g, mean in doc["mean_gate"].items():
+        np.testing.assert_allclose(mean, rows[groups == int(g)].mean(0), atol=2e-5, err_msg=g)
+    means = np.array(list(doc["mean_gate"].values()))  # (groups, K)
+    assert np.ptp(means, axis=0).max() > 1e-4
+
+
 @pytest.mark.slow
 def test_training_writes_pictures_and_keeps_the_best_checkpoint(world):
     r = train(_cfg(world, name="pics", max_steps=4, experts=2, validate_every=2, keep_best=True, apart_users=0))
@@ -80,6 +110,7 @@ def test_training_writes_pictures_and_keeps_the_best_checkpoint(world):
     assert gates["groups"] == "k-means cluster" and sum(gates["size"].values()) == gates["rows"]
     for mean in gates["mean_gate"].values():
         assert len(mean) == 2 and abs(sum(mean) - 1) < 1e-5
+    _assert_each_users_own_gate(run_dir, gates, seed=FAST["seed"])
     val = [json.loads(x) for x in (run_dir / "logs" / "validation.jsonl").read_text().splitlines()]
     assert [v["step"] for v in val] == [2, 4]
     ndcg = {v["step"]: v["val"]["fused"]["full_ndcg@10"] for v in val}  # the item head: chosen on the catalogue

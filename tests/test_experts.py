@@ -55,30 +55,86 @@ def test_expand_gate_shapes_and_beam_repeat():
         expand_gate(g, rank=4, batch=3)
 
 
+def _bare_peft(model: ILoraModel):
+    """A peft LoRA model built afresh with ``model``'s weights and no gate hook anywhere: plain LoRA of rank r."""
+    tok = word_tokenizer(TITLES)
+    base = tiny_llama(len(tok) + 2, seed=0)
+    add_placeholder_tokens(tok, base)
+    cfg = model.config
+    bare = attach_lora(base, ExpertConfig(experts=1, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)).eval()
+    bare.load_state_dict(model.llm.state_dict())
+    assert not any(m._forward_hooks for m in lora_a_modules(bare).values())
+    return bare
+
+
 def test_k1_equals_peft_lora_exactly():
+    """K = 1 is plain LoRA: no gate hook is installed (the hooked path at K > 1 is checked against the expert
+    sum in test_every_hooked_layer_computes_the_expert_sum_of_its_rows_gates)."""
     model, builder = _setup(experts=1, rank=8)
+    assert not any(m._forward_hooks for m in lora_a_modules(model.llm).values())
     batch = _batch(builder)
     out, gates = model(batch)
     embeds = model.embed(batch)
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    plain = model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
+    plain = _bare_peft(model)(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
     assert torch.equal(out.logits, plain)
     assert torch.equal(gates, torch.ones(3, 1))
 
 
 def test_uniform_gate_equals_plain_lora_of_the_same_total_rank():
+    """Through the model's gate hooks with g = 1/K, against the same weights in a peft model without them."""
     model, builder = _setup(experts=4, rank=8, gate="uniform")
+    assert all(m._forward_hooks for m in lora_a_modules(model.llm).values())  # the hooked path is the one tested
     batch = _batch(builder)
     out, gates = model(batch)
     assert torch.allclose(gates, torch.full((3, 4), 0.25))
     embeds = model.embed(batch)
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    plain = model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
+    bare = _bare_peft(model)
+    plain = bare(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
     torch.testing.assert_close(out.logits, plain, rtol=1e-5, atol=1e-5)
     # and the LoRA is really active: without it the logits differ
-    with model.llm.disable_adapter():
-        base = model.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
+    with bare.disable_adapter():
+        base = bare(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions).logits
     assert not torch.allclose(base, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("experts", [1, 2, 4])
+def test_every_hooked_layer_computes_the_expert_sum_of_its_rows_gates(experts):
+    """In the model's own forward (its installed hooks, the gates its forward computed), every adapted layer gives
+    h_b = W x_b + s Σ_k g_bk B_k A_k x_b with s = α/(r/K) and row b's own gates: computed here the slow way, expert
+    by expert and row by row, on the input each layer received."""
+    model, builder = _setup(experts=experts, rank=8)
+    layers = {name: model.llm.get_submodule(name) for name in lora_a_modules(model.llm)}
+    seen = {}
+
+    def capture(name):
+        def hook(module, inputs, output):
+            seen[name] = (inputs[0].detach(), output.detach())
+
+        return hook
+
+    handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            _, gates = model(_batch(builder))
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(seen) == set(layers)
+    if experts > 1:  # per-row gates that differ, far from uniform: a mix-up of rows or experts shows
+        assert (gates[0] - gates[1]).abs().max() > 0.05 and (gates - 1 / experts).abs().max() > 0.05
+    s, width = 16 / (8 / experts), 8 // experts  # α / (r/K), the rank of one expert
+    with torch.no_grad():
+        for name, layer in layers.items():
+            x, h = seen[name]  # (B, T, d_in), (B, T, d_out)
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, d_in), (d_out, r)
+            expected = layer.base_layer(x)  # (B, T, d_out)
+            for b in range(x.shape[0]):
+                for k in range(experts):
+                    blk = slice(width * k, width * (k + 1))
+                    expected[b] += s * gates[b, k] * (x[b] @ A[blk].T @ B[:, blk].T)  # (T, d_out)
+            torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-5, msg=lambda m, layer=name: f"{layer}: {m}")
 
 
 def test_fused_form_matches_the_expert_sum_definition():

@@ -67,7 +67,19 @@ def test_item_scores_are_the_query_times_the_encoders_item_embeddings(experts, u
     with torch.no_grad():
         scores, gates = model(prefix, items=prefix.candidates)  # (B, C)
         queries, _ = model(prefix, query=True)  # (B, d)
-        hidden = model.hidden_states(prefix)  # (B, H) the slow way: the decoder's last hidden state
+        # the slow way: the backbone's own causal-LM forward (under the same gates), its final hidden states
+        embeds = model.embed(prefix)
+        positions = (prefix.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        with model.gated(model.gates(prefix, embeds)):
+            out = model.llm(
+                inputs_embeds=embeds,
+                attention_mask=prefix.attention_mask,
+                position_ids=positions,
+                output_hidden_states=True,
+            )
+        hidden = out.hidden_states[-1][:, -1]  # (B, H) the last layer's, normalised, at each prompt's end
+        torch.testing.assert_close(model.llm.get_output_embeddings()(hidden), out.logits[:, -1])  # the same state
+        torch.testing.assert_close(model.hidden_states(prefix), hidden)
     w = model.item_head.proj.weight  # (d, H)
     manual_queries = hidden @ w.T  # (B, d)
     torch.testing.assert_close(queries, manual_queries)
@@ -209,6 +221,10 @@ def test_item_head_end_to_end_on_synthetic_data(synthetic, tmp_path, monkeypatch
     # the sampled LLM scores are the catalogue scores at the candidates: the predictions file holds both views
     lines = [json.loads(x) for x in (run_dir / "predictions-val-score.jsonl").read_text().splitlines()]
     assert {x["draw"] for x in lines} == {0, 1}
+    for x in lines:
+        assert set(x["catalogue_rank"]) == {"llm", "fused", "encoder", "default"}
+        assert x["catalogue_rank"]["default"] == x["catalogue_rank"]["fused"]  # a run with fusion weights
+    _assert_one_query_gives_both_views(run_dir, lines, recommend)
     from ilora_cli import metrics
 
     for ranking, got in (("default", res["metrics"]), ("llm", res["llm"]["metrics"])):  # the catalogue view
@@ -257,6 +273,36 @@ def test_item_head_end_to_end_on_synthetic_data(synthetic, tmp_path, monkeypatch
     (tmp_path / "copy" / "head.safetensors").write_bytes(b"broken")
     r = run_cli("eval", "--run", str(tmp_path / "copy"), home=home)
     assert r.returncode == 2 and "damaged" in r.stderr and "head.safetensors" in r.stderr
+
+
+def _assert_one_query_gives_both_views(run_dir, lines, recommend):
+    """Each predictions line's sampled view (``llm_scores``, ``encoder_scores`` of its candidates) and catalogue view
+    (``catalogue_rank``: the target's 0-based rank among every item outside the history) are those of the run's
+    whole-catalogue ranking, which ``recommend`` computes from the user's history alone."""
+    from ilora_cli.data.prepared import PreparedDataset
+
+    dataset = PreparedDataset.open("syn")
+    val = dataset.split("val")
+    history_of = dict(zip(val.sample_id.tolist(), val.histories()))
+    rows = sorted({x["sample_id"] for x in lines})
+    ranked = recommend(str(run_dir), [history_of[i] for i in rows], top_k=dataset.n_items)
+    by_row = {i: {r["item_id"]: r for r in user["recommendations"]} for i, user in zip(rows, ranked)}
+    checked = 0
+    for x in lines:
+        items = by_row[x["sample_id"]]
+        for j, c in enumerate(x["candidates"]):
+            if c in items:  # recommend leaves the history out
+                assert x["llm_scores"][j] == pytest.approx(items[c]["llm_score"], rel=1e-4, abs=1e-4)
+                assert x["encoder_scores"][j] == pytest.approx(items[c]["encoder_score"], rel=1e-4, abs=1e-4)
+        if x["target"] not in items:  # a target inside its own history: recommend does not rank it
+            continue
+        for ranking, field in (("llm", "llm_score"), ("encoder", "encoder_score"), ("fused", "score")):
+            t = items[x["target"]][field]
+            others = np.array([r[field] for i, r in items.items() if i != x["target"]])
+            above, near = int((others > t + 1e-5).sum()), int((np.abs(others - t) <= 1e-5).sum())
+            assert above <= x["catalogue_rank"][ranking] <= above + near, (x["sample_id"], ranking)
+        checked += 1
+    assert checked >= len(lines) // 2
 
 
 def test_the_catalogue_loss_needs_the_item_head():

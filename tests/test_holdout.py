@@ -136,8 +136,10 @@ def test_a_holdout_that_leaves_nothing_to_a_stage_is_refused(tmp_path):
 
 
 def test_encode_fits_only_its_rows_and_train_learns_on_the_others(tiny_world, monkeypatch):
-    """The tiny world's encoder was trained with the default holdout; a run trains on exactly the rows it left out,
-    and the encoder's fitted rows are scored far better than the held-out ones only when it fitted them."""
+    """The tiny world's encoder was trained with the default holdout; a run trains on exactly the rows it left out.
+    (That an encoder scores the rows it fitted far better than the held-out ones, and those as well only when it
+    fitted them too, is checked where fitting shows, in test_an_encoder_scores_well_the_rows_it_fitted_and_only_those:
+    this encoder of 2 epochs on cycles has learnt too little to tell its rows from the others.)"""
     from ilora_cli.encoders.io import load_encoder
 
     monkeypatch.setenv("ILORA_HOME", str(tiny_world))
@@ -174,10 +176,81 @@ def test_encode_fits_only_its_rows_and_train_learns_on_the_others(tiny_world, mo
         second_stage_rows(dataset, moved, None)
 
 
+def _random_walks(home, n_items=30, n_users=40, length=12):
+    """A dataset whose next items only a model that fitted them can know (each user a random permutation of the
+    items) and without a val split, so that the encoder keeps the weights of its last epoch."""
+    from ilora_cli.data.source import SourceData, splits_from_sequences
+
+    rng = np.random.default_rng(0)
+    splits = splits_from_sequences([rng.permutation(n_items)[:length] for _ in range(n_users)], n_items, seed=0)
+    del splits["val"]
+    src = SourceData(titles=[f"Item {i}" for i in range(n_items)], splits=splits, n_users=n_users)
+    write_prepared(src, "walks", home / "datasets" / "walks", n_candidates=6, draws=1, seed=3)
+    return PreparedDataset.open("walks")
+
+
+def test_an_encoder_scores_well_the_rows_it_fitted_and_only_those(ilora_home):
+    """On rows only memorising can predict, the encoder trained with the default holdout ranks the next item first on
+    most of the rows it fitted and on almost none of the held-out rows; one trained on every row (holdout none) ranks
+    those held-out rows as well as the others: the holdout, not the rows themselves, makes the difference."""
+    import torch
+
+    from ilora_cli.encoders.io import load_encoder
+    from ilora_cli.encoders.train import EncodeConfig, encode
+
+    dataset = _random_walks(ilora_home)
+    part = partition(dataset, None)
+    settings = dict(dataset="walks", hidden_size=32, dropout=0.0, epochs=20, batch_size=64, lr=1e-2, quiet=True)
+    encode(EncodeConfig(name="held", **settings))
+    encode(EncodeConfig(name="every", holdout="none", **settings))
+    train = dataset.split("train")
+
+    def top1(name: str, rows: np.ndarray) -> float:
+        """The fraction of ``rows`` whose next item the encoder scores highest of the whole catalogue."""
+        model, _ = load_encoder(name)
+        part_rows = train.select(rows)
+        with torch.no_grad():
+            users = model(torch.as_tensor(part_rows.seq), torch.as_tensor(part_rows.len_seq))  # (n, d)
+            scores = users @ model.item_embeddings().T  # (n, n_items)
+        return float((scores.argmax(1).numpy() == part_rows.next).mean())
+
+    fitted, held_out = top1("held", part.encoder_rows), top1("held", part.second_stage_rows)
+    assert fitted > 0.6 and held_out < 0.15, (fitted, held_out)
+    assert top1("every", part.second_stage_rows) > held_out + 0.3
+    # the encoder's own record says the same of its rows (sampled metrics, one draw of 6 candidates)
+    _, info = load_encoder("held")
+    record = info["training"]["metrics"]
+    assert record["fitted"]["hr@1"]["mean"] > record["second_stage"]["hr@1"]["mean"] + 0.3, record
+
+
+def test_the_encoder_is_the_same_whichever_rows_the_second_stage_takes(tiny_world, tmp_path, monkeypatch):
+    """Holdouts that hold out the same users but give the second stage other rows of theirs (all of them, the last 5:
+    the tiny world's encoder, the last 2) leave the encoder's rows, and so its weights, exactly as they are."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ilora_cli.encoders.train import EncodeConfig, encode
+
+    monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    # the tensors, not the file's bytes: safetensors may write the same metadata in another order
+    world = load_file(tiny_world / "encoders" / "cyc-sasrec" / "encoder.safetensors")
+    record = json.loads((tiny_world / "encoders" / "cyc-sasrec" / "encoder.json").read_text())
+    second_stage = {record["holdout"]["second_stage_rows"]}
+    for spec in ("users:0.2", "users:0.2+last:2"):
+        out = tmp_path / spec.replace(":", "-").replace("+", "-")
+        encode(EncodeConfig(dataset="cyc", hidden_size=16, epochs=2, holdout=spec, output=out, quiet=True))
+        second_stage.add(json.loads((out / "encoder.json").read_text())["holdout"]["second_stage_rows"])
+        weights = load_file(out / "encoder.safetensors")
+        assert weights.keys() == world.keys() and all(torch.equal(weights[k], world[k]) for k in world), spec
+    assert len(second_stage) == 3  # the second stage's rows did change
+
+
 def test_train_records_its_rows_and_eval_says_when_the_encoder_saw_them(tiny_world, monkeypatch):
     from ilora_cli.training.loop import TrainConfig, train
 
     monkeypatch.setenv("ILORA_HOME", str(tiny_world))
+    encoder_file = tiny_world / "encoders" / "cyc-sasrec" / "encoder.safetensors"
+    encoder_bytes = encoder_file.read_bytes()
     backbone = str(tiny_world / "tiny-backbone")
     common = dict(dataset="cyc", backbone=backbone, batch_size=4, candidates=6, max_steps=1, quiet=True)
     honest = train(TrainConfig(name="ho-default", **common))
@@ -203,6 +276,10 @@ def test_train_records_its_rows_and_eval_says_when_the_encoder_saw_them(tiny_wor
     assert json.loads(r.stdout)["results"]["ho-none"]["holdout"]["encoder_saw_training_rows"] is True
     r = run_cli("eval", "--run", "ho-default", "--max-samples", "2", "draws=1", home=tiny_world)
     assert r.returncode == 0 and "fitted on the rows" not in r.stderr
+    # two second stages on other rows (the held-out ones, every one): the encoder stays what it was, in both runs
+    assert encoder_file.read_bytes() == encoder_bytes
+    for run in ("ho-default", "ho-none"):
+        assert (tiny_world / "runs" / run / "encoder" / "encoder.safetensors").read_bytes() == encoder_bytes, run
 
 
 def test_eval_names_another_encoder_beside_the_runs(tiny_world, monkeypatch):

@@ -3,6 +3,7 @@ run; --resume refuses other settings; a run stopped by a NaN loss before its fir
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -62,9 +63,17 @@ def test_train_overwrite_refuses_a_folder_of_other_things(home):
 @pytest.mark.slow
 def test_train_overwrite_still_replaces_a_run(home):
     first = train(_cfg(home, name="again", max_steps=1))
-    (home / "runs" / "again" / "predictions-val-score.jsonl").write_text("{}\n")  # eval writes these into a run
+    run_dir = home / "runs" / "again"
+    (run_dir / "predictions-val-score.jsonl").write_text("{}\n")  # eval writes these into a run
     second = train(_cfg(home, name="again", max_steps=2, overwrite=True))
-    assert first["steps"] == 1 and second["steps"] == 2 and (home / "runs" / "again" / "ilora.json").is_file()
+    assert first["steps"] == 1 and second["steps"] == 2 and first["weights_sha256"] != second["weights_sha256"]
+    # what is on the disk is the second run, whole: its steps, its log, its weights; nothing of the first is left
+    assert json.loads((run_dir / "ilora.json").read_text())["training"]["steps"] == 2
+    log = [json.loads(x)["step"] for x in (run_dir / "logs" / "train.jsonl").read_text().splitlines()]
+    assert log == [1, 2]
+    assert (run_dir / "logs" / "weights-rank0.sha256").read_text().strip() == second["weights_sha256"]
+    assert not (run_dir / "predictions-val-score.jsonl").exists()
+    assert not [p.name for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no temporary, no old copy
 
 
 @pytest.mark.slow

@@ -33,20 +33,40 @@ def _cfg(world, **kw):
     return TrainConfig(backbone=str(world / "tiny-backbone"), **{**FAST, **kw})
 
 
+# What eval and recommend compute from a run (the item head: candidate scores, the whole catalogue's, the gates,
+# recommend's ranking), in a fresh process that has only the run directory.
+HISTORIES, CANDIDATES = [[0, 1, 2], [5, 6, 7, 8]], [[[3, 4, 9, 10, 11, 12]], [[9, 1, 2, 3, 4, 5]]]  # (N, D, C)
 RELOAD = r"""
-import json, sys, torch
+import json, sys
+import numpy as np
+from ilora_cli import recommend
+from ilora_cli.evaluation.llm import score_rows
 from ilora_cli.training.run import load_run
-run = load_run(sys.argv[1])
-b = run.builder.batch([[0, 1, 2], [5, 6, 7, 8]], [[3, 4, 9, 10, 11, 12], [9, 1, 2, 3, 4, 5]], [3, 9],
-                      pad_id=run.info["dataset"]["pad_id"])
-with torch.no_grad():
-    out, gates = run.model(b)
-print(json.dumps({"logits": out.logits[:, -3:, :8].tolist(), "gates": gates.tolist()}))
+histories, candidates = json.loads(sys.argv[2]), np.array(json.loads(sys.argv[3]))
+out = score_rows(load_run(sys.argv[1]), histories, candidates, catalogue=True)
+ranked = recommend(sys.argv[1], histories, top_k=5)
+recs = [[[r["item_id"], r["score"], r["llm_score"]] for r in user["recommendations"]] for user in ranked]
+print(json.dumps({k: out[k].tolist() for k in ("draws", "catalogue", "gates")} | {"recommend": recs}))
 """
 
 
 def test_train_writes_a_complete_run_that_reloads_identically(world, tmp_path):
-    result = train(_cfg(world, name="r1", max_steps=3, experts=4))
+    """The run directory holds the trained weights, and what eval and recommend compute from it after a reload, in
+    this process or a fresh one, is what the trained model computed before it was saved."""
+    import numpy as np
+
+    from ilora_cli.evaluation.llm import score_rows
+    from ilora_cli.training.loop import Trainer
+    from ilora_cli.training.validation import run_view
+
+    trainer = Trainer(_cfg(world, name="r1", max_steps=3, experts=4))
+    result = trainer.run()
+    trained = trainer.unwrapped.eval()  # the model in memory, as training left it
+    assert trained.item_head is not None and trained.fusion is not None  # the default head, with fusion weights
+    before = score_rows(run_view(trainer), HISTORIES, np.array(CANDIDATES), catalogue=True)
+    prefix = trainer.builder.batch(HISTORIES, [[]] * 2, None, None, trainer.dataset.pad_id, padding_side="left")
+    with torch.no_grad():
+        encoder_scores = (trained.user_representation(prefix) @ trained.encoder.item_embeddings().float().T).numpy()
     run_dir = world / "runs" / "r1"
     assert result["run_dir"] == str(run_dir) and result["steps"] == 3 and result["complete"]
     assert result["train_samples_per_second"] > 0 and result["final_loss"] is not None
@@ -80,11 +100,12 @@ def test_train_writes_a_complete_run_that_reloads_identically(world, tmp_path):
 
     stored = (run_dir / "logs" / "weights-rank0.sha256").read_text().strip()
     assert weights_digest(run.model) == stored
-    # a fresh process gives identical logits and gates
+    # a reload in this process, and in two fresh ones, scores candidates and the catalogue as the trained model did
+    here = score_rows(run, HISTORIES, np.array(CANDIDATES), catalogue=True)
     outs = []
     for _ in range(2):
         r = subprocess.run(
-            [sys.executable, "-c", RELOAD, str(run_dir)],
+            [sys.executable, "-c", RELOAD, str(run_dir), json.dumps(HISTORIES), json.dumps(CANDIDATES)],
             capture_output=True,
             text=True,
             env=dict(os.environ),
@@ -92,17 +113,27 @@ def test_train_writes_a_complete_run_that_reloads_identically(world, tmp_path):
         )
         assert r.returncode == 0, r.stderr
         outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    b = run.builder.batch(
-        [[0, 1, 2], [5, 6, 7, 8]],
-        [[3, 4, 9, 10, 11, 12], [9, 1, 2, 3, 4, 5]],
-        [3, 9],
-        pad_id=run.info["dataset"]["pad_id"],
-    )
-    with torch.no_grad():
-        out, gates = run.model(b)
     assert outs[0] == outs[1]
-    assert outs[0]["logits"] == out.logits[:, -3:, :8].tolist()
-    assert outs[0]["gates"] == gates.tolist()
+    for key in ("draws", "catalogue", "gates"):
+        assert outs[0][key] == here[key].tolist(), key
+        np.testing.assert_allclose(here[key], before[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert np.ptp(before["catalogue"], axis=1).min() > 1e-3  # scores that rank something
+    # recommend after the reload: the trained model's fused catalogue ranking, the history left out
+    fused = info["fusion"]["llm"] * before["catalogue"] + info["fusion"]["encoder"] * encoder_scores  # (N, n_items)
+    for b, (history, recs) in enumerate(zip(HISTORIES, outs[0]["recommend"])):
+        order = [int(i) for i in np.argsort(-fused[b], kind="stable") if i not in history][:5]
+        assert [item for item, _, _ in recs] == order, b
+        for item, score, llm_score in recs:
+            assert score == pytest.approx(float(fused[b, item]), rel=1e-5, abs=1e-6)
+            assert llm_score == pytest.approx(float(before["catalogue"][b, item]), rel=1e-5, abs=1e-6)
+    # eval after the reload: the val catalogue metrics that training measured on the model in memory
+    from ilora_cli.evaluation.evaluate import EvalConfig, evaluate
+
+    check = info["catalogue_check"]
+    res = evaluate(EvalConfig(runs=["r1"], batch_size=16, quiet=True))["results"]["r1"]
+    assert check["split"] == "val" and check["metric"] == "full_ndcg@10"
+    assert res["metrics"]["full_ndcg@10"]["mean"] == pytest.approx(check["default"], abs=1e-9)
+    assert res["encoder"]["metrics"]["full_ndcg@10"]["mean"] == pytest.approx(check["encoder"], abs=1e-9)
 
 
 def test_resume_continues_exactly(world):

@@ -99,6 +99,20 @@ def catalogue_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
     err.print(t)
 
 
+def gate_line(name: str, gate: dict[str, Any]) -> str:
+    """One line on whether a K > 1 run's gate matters: the default ranking with each user's own gate, another
+    user's and the uniform one, the test of own against shuffled, and what the gate knows of the user groups."""
+    m = gate["metric"]
+    own, shuffled, uniform = (gate["counterfactual"][k][m]["mean"] for k in ("own", "shuffled", "uniform"))
+    untrained = gate.get("group_information_bits_untrained")
+    before = f" (untrained gates: {untrained:.2f})" if untrained is not None else ""
+    return (
+        f"{name}, the gate: {m} with its own gates {own:.4f}, shuffled across users {shuffled:.4f}, uniform "
+        f"{uniform:.4f} (own − shuffled p = {gate['p_own_vs_shuffled']:.3g}); entropy {gate['entropy']:.2f} nats of "
+        f"{gate['entropy_uniform']:.2f}; {gate['group_information_bits']:.2f} bits about the {gate['groups']}s{before}"
+    )
+
+
 def eval_report(result: dict[str, Any]) -> None:
     """What ``ilora eval`` prints: the sampled table, the catalogue table, and each run's paired tests."""
     title = f"{result['split']} ({result['n_rows']} rows, {result['mode']} mode)"
@@ -114,3 +128,5 @@ def eval_report(result: dict[str, Any]) -> None:
         ]
         if said:
             err.print(f"{name}, paired over users on {tests['metric']}: " + "; ".join(said))
+        if r.get("gate"):
+            err.print(gate_line(name, r["gate"]))

@@ -418,7 +418,8 @@ def _evaluate(p: Plan, key: str, cells: list[Cell]) -> None:
         split, report = eval_split(p, cell)
         predictions = directory / f"predictions-{cell.name}.jsonl"
         t0 = time.perf_counter()
-        out = evaluate_run(run, split, ev, cell.name, predictions)
+        meta = (p.eval_dataset or p.dataset).meta
+        out = evaluate_run(run, split, ev, cell.name, predictions, meta)
         seconds = time.perf_counter() - t0
         doc = {
             "name": cell.name,
@@ -440,6 +441,7 @@ def _evaluate(p: Plan, key: str, cells: list[Cell]) -> None:
             "metrics": out["metrics"],
             "llm_metrics": out["llm"]["metrics"] if "llm" in out else out["metrics"],
             "encoder_metrics": out["encoder"]["metrics"],
+            "gate": out.get("gate"),  # K > 1: the gate's statistics and its counterfactual (evaluation/gate_report.py)
             "per_user": per_user_values(predictions, out),
             "test_metric": test_metric(out),
             "train_minutes": round(train_minutes(p, cell), 3),

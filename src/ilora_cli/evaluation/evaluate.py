@@ -38,6 +38,9 @@ class EvalConfig:
     test_file: Path | None = None  # a LLaRA-format .df split to score instead (needs trust_pickle)
     trust_pickle: bool = False  # allow reading --test-file (a pandas pickle)
     predictions: Path | None = None  # JSONL of per-sample predictions (default: in the run directory)
+    gate_counterfactual: bool | None = None  # a K > 1 run also scored with shuffled and uniform gates
+    # (evaluation/gate_report.py); None: for the item head (two more passes over the rows), not for the title head
+    # (twice the draws' forwards again)
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda or cuda:N
     quiet: bool = False  # no progress bar
 
@@ -133,14 +136,17 @@ def _target_columns(cands: np.ndarray, target: np.ndarray) -> np.ndarray:
     return (cands == target[:, None]).argmax(axis=1)
 
 
-def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_file: Path | None) -> dict[str, Any]:
+def evaluate_run(
+    run, split: SplitData, config: EvalConfig, label: str, pred_file: Path | None, meta: dict | None = None
+) -> dict[str, Any]:
     """One run on one split: metrics (mean ± std over draws) and per-sample predictions.
 
     In score mode the run's default ranking is reported under ``metrics`` — the fused score
     ``a · LLM + b · encoder`` for a run trained with fusion weights, else the LLM's score — and the language
     model alone under ``llm``, so that what the LLM learned is never hidden behind the encoder. A run whose
     head ranks the whole catalogue (the item head) also reports full-catalogue HR@10 / NDCG@10 (history
-    excluded) for each ranking, beside the sampled metrics.
+    excluded) for each ranking, beside the sampled metrics. A K > 1 run gets ``gate`` (gate_report.py): its gate's
+    statistics and the counterfactual of shuffled and uniform gates; ``meta`` (the dataset's) names its groups.
     """
     n, draws = len(split), split.candidates.shape[1]
     retrieve = _retrieve_n(config.candidates)
@@ -153,7 +159,7 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
             bar.advance(task, k)
 
         if config.mode == "score":
-            out, lines = _score_mode(run, split, config, retrieve, tick)
+            out, lines = _score_mode(run, split, config, retrieve, tick, meta or {})
         else:
             out, lines = _generate_mode(run, split, config, tick)
     out["seconds"] = round(time.perf_counter() - t0, 3)
@@ -163,7 +169,7 @@ def evaluate_run(run, split: SplitData, config: EvalConfig, label: str, pred_fil
     return out
 
 
-def _score_mode(run, split: SplitData, config: EvalConfig, retrieve: int | None, tick) -> tuple[dict, list]:
+def _score_mode(run, split: SplitData, config: EvalConfig, retrieve: int | None, tick, meta) -> tuple[dict, list]:
     """Every ranking (the LLM alone, fused when the run has weights, the encoder) on every candidate draw (or the
     encoder's top-N with ``retrieve``), plus the whole catalogue for heads that rank it."""
     histories = split.histories()
@@ -214,7 +220,51 @@ def _score_mode(run, split: SplitData, config: EvalConfig, retrieve: int | None,
     out["_per_user"] = {"sample_id": split.sample_id, "rr": rr | {"default": rr[rankings[-1]]}}
     if catalogue_ranks is not None:
         out["_per_user"]["catalogue_ranks"] = catalogue_ranks | {"default": catalogue_ranks[rankings[-1]]}
+    if _wants_counterfactual(run, config, retrieve):
+        out["gate"] = _gate_document(run, split, config, sets, llm, normalize, meta)
     return out, lines
+
+
+def _wants_counterfactual(run, config: EvalConfig, retrieve: int | None) -> bool:
+    if config.gate_counterfactual is False:
+        return False
+    experts = run.info["experts"]
+    if retrieve or experts["experts"] < 2 or experts["gate"] == "token":
+        return False  # nothing to mix, or a gate that routes per token rather than per user
+    return config.gate_counterfactual if config.gate_counterfactual is not None else run.scorer.ranks_catalogue
+
+
+def _gate_document(run, split: SplitData, config: EvalConfig, sets, llm, normalize, meta) -> dict[str, Any]:
+    """``gate`` of a K > 1 run (gate_report.py): the same rows and draws scored again with other users' gates and
+    with the uniform one, each judged by the default ranking, with the gate's statistics."""
+    from .gate_report import gate_document
+
+    encoder, histories, fusion = run.model.encoder, split.histories(), run.fusion
+    full = llm["catalogue"] is not None
+    enc_draws = [encoder_candidate_scores(encoder, split, sets[:, d]) for d in range(sets.shape[1])]
+    enc_catalogue = encoder_catalogue_scores(encoder, split) if full else None
+    default = "fused" if fusion is not None else "llm"
+
+    def score(gates: np.ndarray) -> dict[str, Any]:
+        return score_rows(run, histories, sets, config.batch_size, normalize, None, catalogue=full, gates_in=gates)
+
+    def judge(scores: dict[str, Any], ranking: str) -> tuple[dict[str, Any], str, np.ndarray]:
+        name = default if ranking == "default" else "llm"
+        per_draw, rr = [], np.zeros(len(split))
+        for d in range(sets.shape[1]):
+            ranking = _rankings(scores["draws"][:, d], enc_draws[d], fusion)[name]
+            ranks = metrics.rank_of_target(ranking, _target_columns(sets[:, d], split.next))
+            per_draw.append(metrics.ranking_metrics(ranks))
+            rr += 1.0 / (ranks + 1.0) / sets.shape[1]
+        doc = metrics.aggregate(per_draw)
+        if not full:
+            return doc, "mrr", rr
+        ranking = _rankings(scores["catalogue"], enc_catalogue, fusion)[name]
+        ranks = metrics.full_ranking_ranks(ranking, split.next, exclude=histories)
+        doc.update(metrics.catalogue_metrics(ranks))
+        return doc, metrics.CATALOGUE_METRIC, metrics.per_user_ndcg(ranks, 10)
+
+    return gate_document(run, split, meta, llm, score, judge, seed=0)
 
 
 def _draw_lines(split, d, cands, by, default, gates, catalogue_ranks, default_name) -> list[dict[str, Any]]:
@@ -416,7 +466,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         encoder = encoder or run.model.encoder
         suffix = f"{split.name}-{config.mode}" + (f"-retrieve{retrieve}" if retrieve else "")
         pred = _predictions_path(config, len(run_dirs), d, suffix)
-        results[d.name] = evaluate_run(run, split, config, d.name, pred)
+        results[d.name] = evaluate_run(run, split, config, d.name, pred, dataset.meta)
         results[d.name]["holdout"] = _holdout_note(d, run.info)
         del run
     if run_dirs or config.encoder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,13 +23,23 @@ def _prefix(run, histories, candidates, answers: bool = False):
     return (with_answers(run.builder, prefix) if answers else prefix).to(run.model.device)
 
 
+def _forced(run, gates: np.ndarray | None, start: int, size: int):
+    """The block in which a batch of rows ``start:start + size`` is routed by ``gates`` (N, K) instead of its own
+    gate (evaluation's counterfactual); with None, by its own."""
+    if gates is None:
+        return contextlib.nullcontext()
+    return run.model.forcing_gates(torch.as_tensor(gates[start : start + size], dtype=torch.float32))
+
+
 @torch.no_grad()
-def item_queries(run, histories: Sequence[Sequence[int]], batch_size: int = 8, on_batch=None):
-    """Item head: (N, d) query vectors ``W h`` of each history's prompt and (N, K) gates, as tensors on the CPU."""
+def item_queries(run, histories: Sequence[Sequence[int]], batch_size: int = 8, on_batch=None, gates_in=None):
+    """Item head: (N, d) query vectors ``W h`` of each history's prompt and (N, K) gates, as tensors on the CPU;
+    ``gates_in`` (N, K): each row routed by these weights instead of its own gate's."""
     queries, gates = [], []
     for start in range(0, len(histories), batch_size):
         hist = histories[start : start + batch_size]
-        q, g = run.scorer.queries(run.model, _prefix(run, hist, [[] for _ in hist]))
+        with _forced(run, gates_in, start, len(hist)):
+            q, g = run.scorer.queries(run.model, _prefix(run, hist, [[] for _ in hist]))
         queries.append(q.float().cpu())
         gates.append(g.float().cpu())
         if on_batch:
@@ -45,17 +56,19 @@ def score_rows(
     normalize: str = "sum",
     on_batch=None,
     catalogue: bool = False,
+    gates_in: np.ndarray | None = None,
 ) -> dict[str, np.ndarray | None]:
     """The run's LLM scores of every row's candidate sets, (N, D, C) for ``candidate_sets`` (N, D, C), its gates
     (N, K), and with ``catalogue`` (item head only) the (N, n_items) scores of the whole catalogue.
 
     The title head scores each draw in a forward of its own (the candidates are in the prompt); the item head
     encodes each history once and scores every draw and the catalogue from the same query vector.
-    ``on_batch`` is called with the rows done: N · D rows for the title head, N for the item head.
+    ``on_batch`` is called with the rows done: N · D rows for the title head, N for the item head. ``gates_in``
+    (N, K): every row routed by these weights instead of its own gate's (the counterfactual).
     """
     n, draws, _ = candidate_sets.shape
     if run.scorer.ranks_catalogue:
-        q, gates = item_queries(run, histories, batch_size, on_batch)  # (N, d), (N, K)
+        q, gates = item_queries(run, histories, batch_size, on_batch, gates_in)  # (N, d), (N, K)
         items = run.model.encoder.item_embedding.weight.detach().float().cpu()  # (n_items + 1, d)
         cands = torch.as_tensor(candidate_sets, dtype=torch.long, device="cpu")  # (N, D, C), beside q and items
         scores = torch.einsum("nd,nkcd->nkc", q, items[cands])  # (N, D, C)
@@ -69,7 +82,7 @@ def score_rows(
         raise ValueError(f"the {run.scorer.kind} head cannot score the whole catalogue")
     per_draw, gates = [], None
     for d in range(draws):
-        s, g = score_candidates(run, histories, candidate_sets[:, d], batch_size, normalize, on_batch)
+        s, g = score_candidates(run, histories, candidate_sets[:, d], batch_size, normalize, on_batch, gates_in)
         per_draw.append(s)
         gates = g if gates is None else gates
     return {"draws": np.stack(per_draw, axis=1), "gates": gates, "catalogue": None}
@@ -83,15 +96,17 @@ def score_candidates(
     batch_size: int = 8,
     normalize: str = "sum",
     on_batch=None,
+    gates_in: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, C) scores of each row's candidates by the run's head (the title head: log-likelihood of each title
-    after the prompt, normalised), and (N, K) gates."""
+    after the prompt, normalised), and (N, K) gates (``gates_in``: used instead of each row's own)."""
     scores, gates = [], []
     for start in range(0, len(histories), batch_size):
         hist = histories[start : start + batch_size]
         cands = candidates[start : start + batch_size]
         prefix = _prefix(run, hist, cands.tolist(), answers=run.scorer.lists_candidates)
-        s, g = run.scorer.candidate_scores(run.model, run.builder, prefix, normalize)
+        with _forced(run, gates_in, start, len(hist)):
+            s, g = run.scorer.candidate_scores(run.model, run.builder, prefix, normalize)
         scores.append(s.float().cpu().numpy())
         gates.append(g.float().cpu().numpy())
         if on_batch:

@@ -119,6 +119,7 @@ class ILoraModel(nn.Module):
         self.item_head = ItemHead(hidden, item_dim, head_init) if config.head == "item" else None
         # The gate hooks stay on the LoRA layers for the model's life; forward fills the holder they read.
         self._gates = GateHolder()
+        self._forced_gates: torch.Tensor | None = None  # forcing_gates(): the counterfactual gates of eval
         if self.token_routers is not None:
             install_gate_hooks(llm, config.rank, token_routers=self.token_routers)
         elif config.experts > 1:
@@ -206,7 +207,22 @@ class ILoraModel(nn.Module):
                 mask = mask & (batch.labels == -100)  # the prompt only, never the answer
             m = mask.unsqueeze(-1).to(embeds.dtype)  # (B, T, 1)
             prompt_mean = (embeds * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
+        if self._forced_gates is not None:
+            forced = self._forced_gates
+            if forced.shape != (len(batch.input_ids), self.config.experts):
+                raise ValueError(f"forced gates of shape {tuple(forced.shape)} for a batch of {len(batch.input_ids)}")
+            return forced.to(embeds.device)
         return self.gate(self.user_representation(batch), prompt_mean)
+
+    @contextmanager
+    def forcing_gates(self, gates: torch.Tensor | None):
+        """Inside the block every batch is routed by ``gates`` (B, K) instead of its own gate's weights: another
+        user's mixture, or the uniform one (evaluation's counterfactual). None: the gate's own."""
+        self._forced_gates = gates
+        try:
+            yield
+        finally:
+            self._forced_gates = None
 
     @contextmanager
     def gated(self, gates: torch.Tensor):

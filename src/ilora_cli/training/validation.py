@@ -214,7 +214,9 @@ def validate(trainer, step: int) -> dict[str, Any] | None:
         apart = fit_apart_fusion(trainer)
         model.eval()
         try:
-            ev = EvalConfig(runs=["training"], batch_size=max(16, config.batch_size), quiet=True)
+            ev = EvalConfig(
+                runs=["training"], batch_size=max(16, config.batch_size), quiet=True, gate_counterfactual=False
+            )
             out = evaluate_run(run_view(trainer), trainer._val_split, ev, "validation", None)
         finally:
             model.train()
@@ -280,7 +282,9 @@ def catalogue_check(trainer) -> dict[str, Any] | None:
     model = trainer.unwrapped
     model.eval()
     try:
-        ev = EvalConfig(runs=["training"], batch_size=max(16, trainer.config.batch_size), quiet=True)
+        ev = EvalConfig(
+            runs=["training"], batch_size=max(16, trainer.config.batch_size), quiet=True, gate_counterfactual=False
+        )
         out = evaluate_run(run_view(trainer), split, ev, "check", None)
     finally:
         model.train()

@@ -22,6 +22,9 @@ from .prompt import CANDIDATE_TOKEN, HISTORY_TOKEN, USER_TOKEN, PromptBatch
 PROJECTOR_NORMS = ("none", "token")
 
 
+GATE_STREAM = 7_919  # offset of the gate's random stream from the run's seed (ILoraModel)
+
+
 @dataclass
 class ExpertConfig:
     experts: int = 4  # K: LoRA experts (1 = plain LoRA, i.e. LLaRA)
@@ -109,12 +112,17 @@ class ILoraModel(nn.Module):
         self.user_projector = Projector(item_dim, hidden) if config.hybrid and config.user_token else None
         # K = 1 has nothing to mix: no gate parameters (they would get no gradient, which DDP rejects).
         gate_kind = "uniform" if config.experts == 1 else config.gate
-        self.gate = Gate(gate_kind, config.experts, user_dim=item_dim, prompt_dim=hidden)
-        self.token_routers = (
-            TokenRouters({k: m.in_features for k, m in lora_a_modules(llm).items()}, config.experts)
-            if config.gate == "token" and config.experts > 1
-            else None
-        )
+        # The gate draws its initial weights from a stream of its own, so that a K > 1 run and the K = 1 run of the
+        # same seed share every other random number (the head's initialisation, the dropout masks): the only
+        # difference between them is the mixture.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((torch.initial_seed() + GATE_STREAM) % 2**63)
+            self.gate = Gate(gate_kind, config.experts, user_dim=item_dim, prompt_dim=hidden)
+            self.token_routers = (
+                TokenRouters({k: m.in_features for k, m in lora_a_modules(llm).items()}, config.experts)
+                if config.gate == "token" and config.experts > 1
+                else None
+            )
         self.fusion = Fusion(fusion.get("llm", 0.0), fusion.get("encoder", 1.0)) if fusion is not None else None
         self.item_head = ItemHead(hidden, item_dim, head_init) if config.head == "item" else None
         # The gate hooks stay on the LoRA layers for the model's life; forward fills the holder they read.

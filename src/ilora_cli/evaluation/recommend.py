@@ -12,7 +12,7 @@ import numpy as np
 
 from ..data.prepared import SplitData
 from ..devices import check_device, resolve_device
-from ..errors import UserError
+from ..errors import UserError, describe
 from ..training.objectives import fused_scores
 from .evaluate import encoder_candidate_scores, encoder_catalogue_scores
 
@@ -40,7 +40,12 @@ class RecommendConfig:
 
 
 class ItemResolver:
-    """Item ids or titles → ids: exact title first, then case-insensitive; clear errors otherwise."""
+    """Item ids or titles → ids: exact title first, then case-insensitive; clear errors otherwise.
+
+    An entry is an id, a title, or an object that names its item by ``item_id``, ``id`` or ``title``; an object
+    that gives several names must name one item with all of them."""
+
+    NAMES = ("item_id", "id", "title")
 
     def __init__(self, titles: list[str]):
         self.titles = titles
@@ -49,19 +54,34 @@ class ItemResolver:
         for i, t in enumerate(titles):
             self.folded.setdefault(t.casefold(), []).append(i)
 
-    def __call__(self, entry: Any) -> int:
-        if isinstance(entry, dict):
-            if "item_id" in entry or "id" in entry:
-                entry = entry.get("item_id", entry.get("id"))
-            elif "title" in entry:
-                entry = entry["title"]
-            else:
-                raise UserError(f"The history entry {json.dumps(entry)} has neither an item_id nor a title.")
-        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
-            raise UserError(f"The history entry {json.dumps(entry)} is neither an item id nor a title.")
+    def __call__(self, entry: Any, what: str = "history entry") -> int:
+        """The id of ``entry``; ``what`` names it in the error sentences (a history entry, a candidate)."""
+        if not isinstance(entry, dict):
+            if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+                raise UserError(f"The {what} {describe(entry)} is neither an item id nor a title.")
+            return self._resolve(entry)
+        names = [key for key in self.NAMES if key in entry]
+        if not names:
+            raise UserError(f"The {what} {describe(entry)} has neither an item_id nor a title.")
+        found = {}
+        for key in names:
+            value = entry[key]
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise UserError(f"The {what}'s {key} {describe(value)} is neither an item id nor a title.")
+            found[key] = self._resolve(value)
+        if len(set(found.values())) > 1:
+            said = [
+                f"title {entry[key]!r} is id {i}" if key == "title" else f"{key} {entry[key]!r} is {self.titles[i]!r}"
+                for key, i in found.items()
+            ]
+            listed = ", ".join(said[:-1]) + " and " + said[-1]
+            raise UserError(f"The {what} names different items: {listed}; give one of them.")
+        return found[names[0]]
+
+    def _resolve(self, entry: int | str) -> int:
         if isinstance(entry, int):
             if not 0 <= entry < len(self.titles):
-                raise UserError(f"Unknown item id {entry}: ids run from 0 to {len(self.titles) - 1}.")
+                raise UserError(f"Unknown item id {describe(entry)}: ids run from 0 to {len(self.titles) - 1}.")
             return entry
         if entry in self.exact:
             return self.exact[entry]
@@ -160,7 +180,7 @@ class Recommender:
                 raise UserError("--candidates must be one JSON list of item ids or titles.")
             if not cands[0]:
                 raise UserError("--candidates lists no items; give at least one, or leave it out to retrieve them.")
-            self.fixed = [self.resolve(c) for c in cands[0]]
+            self.fixed = [self.resolve(c, "candidate") for c in cands[0]]
             if len(set(self.fixed)) != len(self.fixed):
                 raise UserError("--candidates lists an item twice.")
 

@@ -1,25 +1,33 @@
 """The HTTP API of ``ilora serve`` (FastAPI): routes, request schemas, errors as one sentence, limits, metrics.
 
 Every error a client can cause is answered with a status code and ``{"error": "one sentence"}``: 401 without
-the API key, 413 for a body over ``max_body_bytes``, 422 for bad input (wrong types, unknown fields, empty
-histories, unknown or ambiguous titles with their closest matches, unknown item ids), 503 with Retry-After
-while loading or when the queue is full, 504 when a request times out. A bug answers 500 without a traceback
-(the traceback goes to the server's log).
+the API key, 408 for a body that does not arrive within ``read_timeout_s``, 413 for a body over
+``max_body_bytes``, 431 for a request line and headers over ``max_header_bytes``, 422 for bad input (wrong
+types, unknown fields, empty histories, unknown or ambiguous titles with their closest matches, unknown item
+ids, an entry whose id and title name different items), 503 with Retry-After while loading or when the queue
+is full, 504 when a request times out. A bug answers 500 without a traceback (the traceback goes to the
+server's log).
+
+A request passes, in order: the header limit, the API key, admission (the queue), the body limit, then the
+route. Nothing reads the body or tells the server's state to a client without the key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import re
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.exceptions import HTTPException
 
 from .. import __version__
@@ -57,7 +65,11 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    users: list[RecommendRequest] = Field(description="One request per user.")
+    # Each user is checked against RecommendRequest on their own, so that one malformed user is answered in
+    # their place, as one with an unknown title is, and the others are answered.
+    users: list[Annotated[Any, WithJsonSchema(RecommendRequest.model_json_schema())]] = Field(
+        description="One request per user."
+    )
 
 
 class Item(BaseModel):
@@ -104,8 +116,8 @@ class ErrorResponse(BaseModel):
 
 class BatchResponse(BaseModel):
     results: list[RecommendResponse | ErrorResponse] = Field(
-        description="One per user, in order; a user whose history or candidates cannot be resolved gets an error "
-        "in their place, and the others are answered."
+        description="One per user, in order; a user whose request is malformed or whose history or candidates "
+        "cannot be resolved gets an error naming them (users[i]: ...) in their place, and the others are answered."
     )
 
 
@@ -113,8 +125,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
         (401, "The API key is missing or wrong."),
+        (408, "The body did not arrive within read_timeout_s."),
         (413, "The body is larger than max_body_bytes."),
         (422, "Bad input, in one sentence."),
+        (431, "The request line and headers are larger than max_header_bytes."),
         (503, "Loading, or the queue is full: retry after Retry-After seconds."),
         (504, "Not answered within request_timeout_s."),
     )
@@ -129,6 +143,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+CLIENT_CLOSED = 499  # the code counted for a client that left before its request was answered (nginx's)
+
+
 class Metrics:
     """Prometheus metrics of one app, in a registry of its own."""
 
@@ -136,7 +153,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ilora_requests", "HTTP requests answered.", ["endpoint", "code"], registry=r)
-        self.errors = Counter("ilora_request_errors", "Requests answered 4xx or 5xx.", ["endpoint", "code"], registry=r)
+        self.errors = Counter(
+            "ilora_request_errors",
+            "Requests answered 4xx or 5xx, or left by their client before the answer (499).",
+            ["endpoint", "code"],
+            registry=r,
+        )
         self.latency = Histogram(
             "ilora_request_seconds", "Time to answer a request.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
@@ -163,45 +185,49 @@ class Metrics:
 # -- middleware (plain ASGI) ------------------------------------------------------------------------------------
 
 
-async def _send_error(scope, receive, send, status: int, message: str) -> None:
-    await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+async def _send_error(scope, receive, send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    await JSONResponse({"error": message}, status_code=status, headers=headers)(scope, receive, send)
 
 
-class BodyLimit:
-    """Reads a request's body whole, up to ``limit`` bytes, before the app sees it: 413 beyond (declared or
-    streamed)."""
+class HeaderLimit:
+    """Refuses a request whose line and headers together are larger than ``limit`` bytes: 431. (The HTTP parser
+    bounds only a head it has not read whole; one that arrives in one piece reaches the app, whatever its size.)"""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_large = f"The request body is larger than {self.limit} bytes."
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_error(scope, receive, send, 413, too_large)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
+        if scope["type"] == "http":
+            line = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope["query_string"])
+            size = line + sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
             if size > self.limit:
-                return await _send_error(scope, receive, send, 413, too_large)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
+                message = f"The request line and headers are larger than {self.limit} bytes."
+                return await _send_error(scope, receive, send, 431, message)
+        await self.app(scope, receive, send)
 
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+class Authenticate:
+    """Admits a request to ``/v1/...`` or ``/metrics`` only with ``Authorization: Bearer <api_key>`` (compared in
+    constant time), before anything reads its body or tells the state of the server (the queue) to it."""
+
+    GUARDED = ("/v1", "/metrics")
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self._guarded(scope["path"]) and not self._authorized(scope["headers"]):
+            message = "A valid API key is needed: send the header 'Authorization: Bearer KEY'."
+            return await _send_error(scope, receive, send, 401, message, {"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+    def _guarded(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.GUARDED)
+
+    def _authorized(self, headers) -> bool:
+        value = next((v for k, v in headers if k == b"authorization"), b"")
+        scheme, _, token = value.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
 
 
 class Admission:
@@ -221,8 +247,79 @@ class Admission:
         await self.app(scope, receive, send)
 
 
+MAX_DEPTH = 32  # nesting levels of a request body; a real one has at most 5: {"users": [{"history": [{...}]}]}
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.?)*(?:"|\Z)', re.S)  # an unfinished one too, to the end: linear
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = np.zeros(256, np.int32)  # a bracket's step in depth
+_STEP[list(b"[{")], _STEP[list(b"]}")] = 1, -1
+
+
+def nested_deeper_than(body: bytes, levels: int) -> bool:
+    """Whether the JSON ``body`` opens more than ``levels`` lists and objects inside one another (brackets in
+    strings aside), in time linear in the body and without parsing it."""
+    if body.count(b"[") + body.count(b"{") <= levels:
+        return False
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return bool(brackets) and int(np.cumsum(_STEP[np.frombuffer(brackets, np.uint8)]).max()) > levels
+
+
+class BodyLimit:
+    """Reads a request's body whole, up to ``limit`` bytes and within ``timeout`` seconds, before the app sees it:
+    413 beyond the size (declared or streamed), 408 beyond the time (the connection is then closed), 422 for a
+    body nested more than ``MAX_DEPTH`` deep (the JSON parser recurses, and ran out of stack at about 950)."""
+
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body = await self._read(scope, receive)
+        if body is None:  # the client left
+            return
+        if isinstance(body, tuple):
+            return await _send_error(scope, receive, send, *body)
+        if nested_deeper_than(body, MAX_DEPTH):
+            message = f"The request body is nested more than {MAX_DEPTH} levels deep."
+            return await _send_error(scope, receive, send, 422, message)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, scope, receive) -> bytes | tuple[int, str, dict[str, str] | None] | None:
+        """The body; or what to refuse it with (status, sentence, headers); None if the client left."""
+        too_large = (413, f"The request body is larger than {self.limit} bytes.", None)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return too_large
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return 408, f"The request body did not arrive within {self.timeout:g} s.", {"Connection": "close"}
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return too_large
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
 class Instrument:
-    """Counts every request by endpoint (the route's path, never the raw one) and status, and its latency."""
+    """Counts every request by endpoint (the route's path, never the raw one) and status, and its latency; a
+    request whose client left before it was answered counts as 499, not as an error of the server."""
 
     def __init__(self, app, metrics: Metrics, paths: set[str]):
         self.app, self.metrics, self.paths = app, metrics, paths
@@ -230,7 +327,13 @@ class Instrument:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
+        start, status, left = time.perf_counter(), None, False
+
+        async def watch_receive():
+            nonlocal left
+            message = await receive()
+            left = left or message["type"] == "http.disconnect"
+            return message
 
         async def send_status(message):
             nonlocal status
@@ -239,11 +342,12 @@ class Instrument:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, watch_receive, send_status)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.paths else "other")
-            self.metrics.request(path, status, time.perf_counter() - start)
+            code = status if status is not None else CLIENT_CLOSED if left else 500
+            self.metrics.request(path, code, time.perf_counter() - start)
 
 
 # -- errors as one sentence -------------------------------------------------------------------------------------
@@ -251,9 +355,9 @@ class Instrument:
 USER_FIELDS = ", ".join(RecommendRequest.model_fields)
 
 
-def validation_sentence(exc: RequestValidationError, path: str) -> str:
-    """The first problem of a request to ``path`` that does not fit its schema, in one sentence."""
-    errors = exc.errors()
+def validation_sentence(errors: list[dict[str, Any]], path: str) -> str:
+    """The first of ``errors`` (pydantic's, of a request to ``path`` that does not fit its schema) in one
+    sentence."""
     # A misspelt field is reported as unknown rather than as the field it was meant to be missing.
     first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
     loc = [p for p in first.get("loc", ()) if p != "body"]
@@ -269,10 +373,12 @@ def validation_sentence(exc: RequestValidationError, path: str) -> str:
     if kind == "extra_forbidden":
         fields = "users" if len(loc) == 1 and path.endswith("/batch") else USER_FIELDS
         return f"Unknown field {where} in the request; the fields are {fields}."
-    if not where:
-        return "The request body must be a JSON object (Content-Type: application/json)."
     got = first.get("input")
     shown = repr(got) if isinstance(got, (int, float, str, bool)) or got is None else type(got).__name__
+    if not where:
+        return "The request body must be a JSON object (Content-Type: application/json)."
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{where} must be a JSON object; got {shown}."
     msg = str(first.get("msg", "is not valid")).rstrip(".")
     return f"{where}: {msg[:1].lower()}{msg[1:]}; got {shown}."
 
@@ -317,28 +423,9 @@ def create_app(service: Service, api_key: str | None = None, on_fatal=None) -> F
     )
     app.state.service = service
     app.state.metrics = metrics
-    guard = [Depends(_authorizer(api_key))] if api_key else []
+    guard = [Depends(BEARER)] if api_key else []  # documents the key in the OpenAPI page; Authenticate checks it
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, validation_sentence(exc, request.url.path))
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        message = str(exc.detail)
-        if exc.status_code == 404:
-            message = f"There is no {request.url.path} here; the endpoints are listed at /docs."
-        elif exc.status_code == 405:
-            message = f"{request.url.path} does not answer {request.method}; see /docs."
-        return _error(exc.status_code, message, exc.headers)
-
-    @app.exception_handler(UserError)
-    async def _user(request: Request, exc: UserError) -> JSONResponse:
-        return _error(422, str(exc))
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:  # the traceback goes to the log
-        return _error(500, "Internal error; the server's log has the details.")
+    _answer_errors_in_one_sentence(app)
 
     @app.get("/healthz", summary="Alive (answers even while the model loads).")
     async def healthz() -> dict[str, str]:
@@ -388,12 +475,7 @@ def create_app(service: Service, api_key: str | None = None, on_fatal=None) -> F
                 f"users lists {len(body.users)} users; this server takes at most "
                 f"{service.config.max_users} per request.",
             )
-        slots: list[Any] = []
-        for i, user in enumerate(body.users):
-            try:
-                slots.append(service.job(UserRequest(user.history, user.candidates, user.top_k, user.dataset)))
-            except UserError as exc:
-                slots.append({"error": f"users[{i}]: {exc}"})
+        slots = [_user_job(service, i, user) for i, user in enumerate(body.users)]
         jobs = [s for s in slots if not isinstance(s, dict)]
 
         def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -406,11 +488,59 @@ def create_app(service: Service, api_key: str | None = None, on_fatal=None) -> F
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    paths = {r.path for r in app.routes}
-    app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
-    app.add_middleware(Admission, service=service)
-    app.add_middleware(Instrument, metrics=metrics, paths=paths)  # outermost: counts 503s and 413s too
+    _add_middleware(app, service, metrics, api_key)
     return app
+
+
+def _answer_errors_in_one_sentence(app: FastAPI) -> None:
+    """Bad input, unknown paths and methods, and bugs as ``{"error": "one sentence"}``."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, validation_sentence(exc.errors(), request.url.path))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"There is no {request.url.path} here; the endpoints are listed at /docs."
+        elif exc.status_code == 405:
+            message = f"{request.url.path} does not answer {request.method}; see /docs."
+        return _error(exc.status_code, message, exc.headers)
+
+    @app.exception_handler(UserError)
+    async def _user(request: Request, exc: UserError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:  # the traceback goes to the log
+        return _error(500, "Internal error; the server's log has the details.")
+
+
+def _add_middleware(app: FastAPI, service: Service, metrics: Metrics, api_key: str | None) -> None:
+    """What every request passes before its route: Instrument, HeaderLimit, Authenticate (with a key),
+    Admission, BodyLimit, in that order (the last added runs first)."""
+    c = service.config
+    paths = {r.path for r in app.routes}
+    app.add_middleware(BodyLimit, limit=c.max_body_bytes, timeout=c.read_timeout_s)
+    app.add_middleware(Admission, service=service)
+    if api_key:
+        app.add_middleware(Authenticate, api_key=api_key)
+    app.add_middleware(HeaderLimit, limit=c.max_header_bytes)
+    app.add_middleware(Instrument, metrics=metrics, paths=paths)  # outermost: counts 401s, 503s and 413s too
+
+
+def _user_job(service: Service, i: int, user: Any):
+    """User ``i`` of a batch request as a job, or ``{"error": "users[i]: ..."}`` in their place."""
+    try:
+        request = RecommendRequest.model_validate(user)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("users", i, *e["loc"])} for e in exc.errors()]
+        return {"error": validation_sentence(errors, "/v1/recommend/batch")}
+    try:
+        return service.job(UserRequest(request.history, request.candidates, request.top_k, request.dataset))
+    except UserError as exc:
+        return {"error": f"users[{i}]: {exc}"}
 
 
 async def _answer(service: Service, jobs, shape) -> JSONResponse:
@@ -425,18 +555,3 @@ async def _answer(service: Service, jobs, shape) -> JSONResponse:
     except NotReady:
         return _unavailable()
     return JSONResponse(shape(results))
-
-
-def _authorizer(api_key: str):
-    """A dependency that admits requests with ``Authorization: Bearer <api_key>`` (compared in constant time)."""
-    expected = api_key.encode()
-
-    async def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
-            raise HTTPException(
-                401,
-                "A valid API key is needed: send the header 'Authorization: Bearer KEY'.",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return authorize

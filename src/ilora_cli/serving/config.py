@@ -22,6 +22,10 @@ class ServeConfig:
     max_queue: int = 256  # users waiting for the model; one more gets 503 with Retry-After at once
     request_timeout_s: float = 60.0  # a request not answered by then gets 504
     max_body_bytes: int = 1048576  # largest request body (413 beyond)
+    max_header_bytes: int = 16384  # largest request line and headers together (431 beyond)
+    read_timeout_s: float = 10.0  # a connection must send a request's line and headers within this of opening (or
+    # of its previous answer), else it is closed; then the body within as long again, else 408
+    max_connections: int = 512  # open connections; a request while more are open gets 503 (uvicorn's limit)
     max_history_items: int = 1000  # most items in one history (the model reads the most recent ones it was trained on)
     max_candidates: int = 100  # most candidates one user may list
     max_top_k: int = 100  # largest top_k a request may ask for
@@ -44,6 +48,8 @@ class ServeConfig:
                 "max_batch": 1,
                 "max_queue": 1,
                 "max_body_bytes": 1,
+                "max_header_bytes": 1024,
+                "max_connections": 1,
                 "max_history_items": 1,
                 "max_candidates": 1,
                 "max_top_k": 1,
@@ -54,6 +60,7 @@ class ServeConfig:
         )
         check_range(self, "max_wait_ms", 0)
         check_range(self, "request_timeout_s", 0, low_open=True)
+        check_range(self, "read_timeout_s", 0, low_open=True)
         if self.max_users > self.max_queue:
             raise UserError(f"max_users ({self.max_users}) must not exceed max_queue ({self.max_queue}).")
         if self.top_k > self.max_top_k:

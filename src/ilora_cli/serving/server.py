@@ -1,8 +1,9 @@
 """``ilora serve``: listen, load the run in the background, answer until SIGTERM, then drain and exit 0.
 
 The socket is bound here, before uvicorn starts, so that a port in use or an unknown host is one sentence and
-exit code 2, and so that ``port=0`` can report the port it got. uvicorn then serves on that socket. On SIGTERM
-(or Ctrl-C) uvicorn stops accepting connections, lets the requests in flight finish (at most
+exit code 2, and so that ``port=0`` can report the port it got. uvicorn then serves on that socket, over its h11
+protocol with a clock on each request (protocol.py), at most ``max_connections`` connections answered. On
+SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets the requests in flight finish (at most
 ``request_timeout_s`` more), and the app stops its batcher.
 """
 
@@ -36,8 +37,14 @@ def require_extra() -> None:
 
 
 def api_key(config: ServeConfig) -> str | None:
-    """The key from the settings, else from $ILORA_API_KEY (an empty variable counts as unset)."""
-    return config.api_key or os.environ.get(API_KEY_ENV) or None
+    """The key from the settings, else from $ILORA_API_KEY (an empty variable counts as unset; one of only
+    whitespace is refused: no client could send it, since HTTP drops the spaces around a header's value)."""
+    if config.api_key:
+        return config.api_key
+    key = os.environ.get(API_KEY_ENV)
+    if key and not key.strip():
+        raise UserError(f"${API_KEY_ENV} holds only whitespace; give a key, or unset it to serve without one.")
+    return key or None
 
 
 def serve(config: ServeConfig, on_listening: Callable[[dict[str, Any]], None] | None = None) -> int:
@@ -51,6 +58,7 @@ def serve(config: ServeConfig, on_listening: Callable[[dict[str, Any]], None] | 
 
     from ..evaluation.evaluate import resolve_run
     from .app import create_app
+    from .protocol import RequestDeadline
     from .service import Service
 
     run_dir = resolve_run(config.run)
@@ -73,6 +81,13 @@ def serve(config: ServeConfig, on_listening: Callable[[dict[str, Any]], None] | 
             access_log=config.access_log,
             lifespan="on",
             timeout_graceful_shutdown=int(config.request_timeout_s) + 5,
+            http=RequestDeadline.with_timeout(config.read_timeout_s),
+            ws="none",  # no upgrade to another protocol, which would leave the clock behind
+            # uvicorn answers 503 once this many connections are open, the request's own included
+            limit_concurrency=config.max_connections + 1,
+            # a head is refused with 431 by the app once whole (app.HeaderLimit); h11 only has to bound one that
+            # is still arriving, with room above the limit so that one just above it gets the app's sentence
+            h11_max_incomplete_event_size=2 * config.max_header_bytes,
         )
     )
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

@@ -17,7 +17,7 @@ from typing import Any
 from rich.markup import escape
 
 from ..console import err
-from ..errors import UserError
+from ..errors import UserError, describe
 from .batching import Batcher, Job
 from .config import ServeConfig
 
@@ -143,8 +143,8 @@ class Service:
         for entry in raw:
             named = isinstance(entry, dict) and ({"item_id", "id", "title"} & set(entry))
             if isinstance(entry, bool) or not (isinstance(entry, (int, str)) or named):
-                raise UserError(f"The candidate {json.dumps(entry)} is neither an item id nor a title.")
-            ids.append(self.recommender.resolve(entry))
+                raise UserError(f"The candidate {describe(entry)} is neither an item id nor a title.")
+            ids.append(self.recommender.resolve(entry, "candidate"))
         seen = set()
         for i in ids:
             if i in seen:
@@ -180,10 +180,9 @@ class Service:
         ex = info["experts"]
         c = self.config
         return {
-            "run": self.run_dir.name,
-            "path": str(self.run_dir),
+            "run": self.run_dir.name,  # the name only: where the run lies on the server's disk is not the client's
             "ready": self.ready,
-            "backbone": info["backbone"],
+            "backbone": _public_backbone(info["backbone"]),
             "experts": ex["experts"],
             "rank": ex["rank"],
             "gate": ex["gate"],
@@ -217,6 +216,13 @@ def _check_title_length(entry: Any) -> None:
     title = entry.get("title") if isinstance(entry, dict) else entry
     if isinstance(title, str) and len(title) > MAX_TITLE:
         raise UserError(f"A title of {len(title):,} characters is longer than any this server looks up ({MAX_TITLE}).")
+
+
+def _public_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
+    """The backbone as ``GET /v1/run`` shows it: a hub id as it is, a local folder by its name alone (where it
+    lies on the server's disk is not the client's)."""
+    name = str(backbone.get("name", ""))
+    return {**backbone, "name": Path(name).name} if Path(name).is_absolute() else backbone
 
 
 def _cut(doc: dict[str, Any], top_k: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""K = 1 and K > 1 runs of the same seed share every random stream but the gate's: the mixture is the only difference."""
+"""K = 1 and K > 1 runs of one seed share every random stream but the gate's: the mixture is the only difference."""
 
 from __future__ import annotations
 

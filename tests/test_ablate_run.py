@@ -131,6 +131,12 @@ def test_results_json_csv_and_plots(grid):
     assert [r["name"] for r in rows] == ["k1", "k2", "sasrec alone"]
     assert float(rows[1]["mrr_mean"]) == pytest.approx(k2["metrics"]["mrr"]["mean"], rel=1e-5)
     assert rows[1]["p_value"] != "" and rows[0]["p_value"] == ""
+    # K = 2 gets the gate's counterfactual (own, shuffled, uniform gates), K = 1 has no gate to report
+    assert k1["gate"] is None and set(k2["gate"]["counterfactual"]) == {"own", "shuffled", "uniform"}
+    assert k2["gate"]["counterfactual"]["own"] == k2["metrics"]
+    assert rows[0]["gate_own"] == "" and float(rows[1]["gate_own"]) == pytest.approx(
+        k2["metrics"]["full_ndcg@10"]["mean"], rel=1e-5
+    )
     assert sorted(os.path.basename(p) for p in doc["plots"]) == ["train-loss.png", "vs-experts.png"]
     for p in doc["plots"]:
         assert open(p, "rb").read(8) == PNG

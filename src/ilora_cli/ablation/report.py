@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from ..console import err, labelled
+from ..report import gate_line
 from .grid import axes_of
 from .significance import ALPHA, TEST_NAME, compare
 
@@ -91,6 +92,7 @@ def _cell_row(p, cell, doc, ref, status) -> dict[str, Any]:
             "minutes": round(doc["train_minutes"] + doc["eval_minutes"], 3),
             "train_minutes": doc["train_minutes"],
             "eval_minutes": doc["eval_minutes"],
+            "gate": doc.get("gate"),
         }
     )
     args = dict(permutations=config.permutations, seed=config.seed)
@@ -223,6 +225,9 @@ def print_table(doc: dict[str, Any]) -> None:
         f"{doc['reference']}; * p < {ALPHA}. (fused): ranked by a·LLM + b·encoder; LLM alone: the language model's "
         "scores without the encoder; catalogue: the whole catalogue, history excluded (what recommend returns)."
     )
+    for c in finished:
+        if c.get("gate"):
+            err.print(gate_line(c["name"], c["gate"]))
     if doc.get("cross_domain"):
         labelled("cross-domain", doc["cross_domain"]["comparable"])
     if doc["unfinished"]:
@@ -242,6 +247,7 @@ def results_csv(doc: dict[str, Any]) -> str:
     header += [f"llm_{m}_{s}" for m in ("hr@1", "mrr") for s in ("mean", "std")]
     header += [f"llm_{m}" for m in CATALOGUE]
     header += ["test_metric", "delta", "delta_mrr", "p_value", "significant", "llm_p_value", "minutes", "run_dir"]
+    header += list(GATE_COLUMNS)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -263,14 +269,27 @@ def results_csv(doc: dict[str, Any]) -> str:
             _num(c.get("minutes")),
             c["run_dir"],
         ]
+        row += _gate_cells(c.get("gate"))
         w.writerow(row)
     for e in doc["encoders"]:
         row = [e["name"], "reference", *[""] * len(axes), "encoder"]
         row += [_num(e["metrics"].get(k, {}).get(s)) for k in METRICS for s in ("mean", "std")]
         row += [_num(e["metrics"].get(k, {}).get("mean")) for k in CATALOGUE]
-        row += [""] * (4 + len(CATALOGUE) + 8)
+        row += [""] * (4 + len(CATALOGUE) + 8 + len(GATE_COLUMNS))
         w.writerow(row)
     return buf.getvalue()
+
+
+GATE_COLUMNS = ("gate_entropy", "gate_bits", "gate_own", "gate_shuffled", "gate_uniform", "gate_p_own_vs_shuffled")
+
+
+def _gate_cells(gate: dict[str, Any] | None) -> list[str]:
+    """A K > 1 cell's gate in results.csv: entropy, group information, the default ranking's test metric with its
+    own, shuffled and uniform gates, and the p of own against shuffled (evaluation/gate_report.py)."""
+    if not gate:
+        return [""] * len(GATE_COLUMNS)
+    means = [gate["counterfactual"][k][gate["metric"]]["mean"] for k in ("own", "shuffled", "uniform")]
+    return [_num(v) for v in (gate["entropy"], gate["group_information_bits"], *means, gate["p_own_vs_shuffled"])]
 
 
 def _num(v) -> str:

@@ -15,7 +15,9 @@ from ilora_cli.data.holdout import (
     rows_checksum,
     second_stage_mask,
     second_stage_rows,
+    set_apart,
     split_masks,
+    train_users,
 )
 from ilora_cli.data.prepared import PreparedDataset, write_prepared
 from ilora_cli.errors import UserError
@@ -256,15 +258,18 @@ def test_train_records_its_rows_and_eval_says_when_the_encoder_saw_them(tiny_wor
     honest = train(TrainConfig(name="ho-default", **common))
     info = json.loads((tiny_world / "runs" / "ho-default" / "ilora.json").read_text())
     part = partition(PreparedDataset.open("cyc"), None)
+    users = train_users(PreparedDataset.open("cyc"))[0]
+    kept, apart = set_apart(part.second_stage_rows, users, 0.2, 42)  # the default apart_users, the default seed
+    assert len(apart) > 0 and len(kept) + len(apart) == len(part.second_stage_rows)
     assert info["holdout"] == {
         "spec": DEFAULT_HOLDOUT,
         "encoder_spec": DEFAULT_HOLDOUT,
         "train_rows_from": "rows the encoder left out",
         "rows": len(part.second_stage_rows),
         "encoder_saw_training_rows": False,
-        "train_rows": len(part.second_stage_rows),
-        "apart_rows": 0,
-        "apart_users": 0,
+        "train_rows": len(kept),
+        "apart_rows": len(apart),
+        "apart_users": len(np.unique(users[apart])),
     }
     assert honest["complete"]
     train(TrainConfig(name="ho-none", holdout="none", **common))

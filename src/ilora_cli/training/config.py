@@ -29,8 +29,8 @@ DEFAULT_DISTILL_WEIGHT = 0.0  # the rank objective's distillation weight (docs/B
 # The item head's defaults for the catalogue (docs/BENCHMARKS.md, *What recommend returns*): the query, the softmax
 # and the users set apart for the fusion.
 DEFAULT_ITEM_QUERY = "direct"
-DEFAULT_ITEM_LOSS = "candidates"
-DEFAULT_APART_USERS = 0.0
+DEFAULT_ITEM_LOSS = "catalogue+candidates"
+DEFAULT_APART_USERS = 0.2
 LOSSES = ("candidates", "catalogue", "catalogue+candidates")
 SAMPLINGS = ("uniform", "popularity")
 
@@ -79,10 +79,11 @@ class TrainConfig:
     fusion_lr: float = 2e-2  # learning rate of the fusion weights a and b (apart_users=0: fitted on batches)
     apart_users: float | None = None  # fraction of the second stage's users set apart: the language model never
     # trains on their rows, the fusion weights are fitted on them after training and --keep-best chooses on them
-    # (rows no stage below was fitted on); 0: none, the fusion is fitted on every training batch; None: the default
+    # (rows no stage below was fitted on); 0: none, the fusion is fitted on every training batch; None: 0.2 for the
+    # rank objective (docs/BENCHMARKS.md, *What recommend returns*)
     loss_over: str | None = None  # the rank objective's softmax: candidates (the training prompt's), catalogue
     # (item head: every item, the row's history excluded, as recommend ranks) or catalogue+candidates (both
-    # terms); None: the default for the head
+    # terms); None: catalogue+candidates for the item head, candidates for the title head
     negative_sampling: str = "uniform"  # training candidates' negatives: uniform, or popularity (drawn in
     # proportion to how often items are a training target, with the logQ correction in the softmax)
     label: str = "next"  # rank objective's target: next (the true next item) or encoder (the encoder's top-ranked

@@ -124,11 +124,12 @@ def load_backbone(spec: BackboneSpec):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         # Candidate scoring passes its own 4-D attention mask, which the sdpa and eager kernels accept
-        # (flash-attention kernels do not): prefer sdpa, fall back to eager for models without it.
+        # (flash-attention kernels do not): prefer sdpa, fall back to eager for models without it (Gemma 2, whose
+        # refusal names torch's scaled_dot_product_attention rather than "sdpa").
         try:
             model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
         except ValueError as exc:
-            if "sdpa" not in str(exc).lower():
+            if not any(k in str(exc).lower() for k in ("sdpa", "scaled_dot_product_attention")):
                 raise
             model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or damaged weights file

@@ -137,11 +137,16 @@ class ILoraModel(nn.Module):
         self.user_id = tokenizer.convert_tokens_to_ids(USER_TOKEN)
         # projector_norm=token: the mean norm of the backbone's own token embeddings (the placeholder rows, added
         # last, excluded): the scale the projected vectors are given. Computed from the frozen backbone, not saved.
+        # It is the norm of what the embedding module outputs, not of its weight rows: Gemma's module multiplies
+        # the rows by √H, and the projected vectors sit beside its outputs in ``inputs_embeds``.
         self.token_norm = 0.0
         if config.projector_norm == "token":
             ids = [i for i in (self.history_id, self.candidate_id, self.user_id) if i is not None and i >= 0]
-            rows = llm.get_input_embeddings().weight[: max(1, min(ids, default=len(tokenizer)))]
-            self.token_norm = float(rows.detach().float().norm(dim=-1).mean())
+            embedding = llm.get_input_embeddings()
+            tokens = torch.arange(max(1, min(ids, default=len(tokenizer))), device=embedding.weight.device)
+            with torch.no_grad():  # in chunks: a large vocabulary's outputs at once would be a second embedding
+                norms = [embedding(chunk).float().norm(dim=-1) for chunk in tokens.split(8192)]  # (n,) each
+            self.token_norm = float(torch.cat(norms).mean())
 
     def train(self, mode: bool = True) -> ILoraModel:
         super().train(mode)

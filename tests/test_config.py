@@ -93,3 +93,14 @@ def test_a_single_value_is_a_list_of_one():
     assert resolve(TrainConfig, overrides=["validate_at=8,16"]).validate_at == [8, 16]
     with pytest.raises(UserError, match="validate_at must be a list"):
         resolve(TrainConfig, overrides=["validate_at=true"])
+
+
+def test_validation_steps_beyond_the_run_are_refused():
+    """Before: `validate_at=50,100` with `max_steps=2` never validated and said nothing."""
+    from ilora_cli.training.loop import TrainConfig
+
+    with pytest.raises(UserError, match=r"validate_at lists steps 50, 100 beyond the run's 2 optimisation steps"):
+        resolve(TrainConfig, overrides=["validate_at=50,100", "max_steps=2"])
+    with pytest.raises(UserError, match=r"step 3 beyond the run's 2"):
+        resolve(TrainConfig, overrides=["validate_at=2,3", "max_steps=2"])
+    assert resolve(TrainConfig, overrides=["validate_at=1,2", "max_steps=2"]).validate_at == [1, 2]

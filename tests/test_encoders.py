@@ -281,3 +281,22 @@ def test_config_resolution_rejects_bad_types():
 def test_unknown_dataset_is_a_user_error(home):
     with pytest.raises(UserError, match="No prepared dataset named 'missing'"):
         encode(EncodeConfig(dataset="missing", quiet=True))
+
+
+def test_an_encoder_too_large_for_the_memory_is_refused_before_training(home):
+    """Before: `ilora encode hidden_size=8192` (the largest width accepted) on 240 items allocated until it failed."""
+    from ilora_cli.encoders.train import check_training_memory, training_memory
+
+    from conftest import run_main
+
+    wide = EncodeConfig(dataset="tiny", hidden_size=8192)
+    wide.validate()
+    need = training_memory(wide, 240, 10)
+    assert 8 * 2**30 < need < 32 * 2**30  # 400 M parameters of one block, the Adam state and the best copy
+    with pytest.raises(UserError, match=r"hidden_size=8192 .* 240 items would take about \d+\.\d GiB .* 8\.0 GiB"):
+        check_training_memory(wide, 240, 10, available=8 * 2**30)
+    check_training_memory(EncodeConfig(), 240, 10, available=1 * 2**30)  # the default: a few MiB
+    # wider than any machine holds: refused on this one too, before anything is written
+    r = run_main("encode", "--dataset", "tiny", "hidden_size=8192", "num_blocks=100", home=home)
+    assert r.returncode == 2 and "GiB of memory" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (home / "encoders").exists() or not list((home / "encoders").iterdir())

@@ -256,11 +256,15 @@ def test_a_run_trained_on_mean_scores_is_evaluated_on_mean_scores(world, tmp_pat
 
 
 def _with_fusion(world, tmp_path, name: str, fusion) -> str:
+    """A copy of the run with other fusion weights, as if trained to them (its manifest records them)."""
+    from ilora_cli.training.run import write_run_manifest
+
     run = tmp_path / name
     shutil.copytree(world / "runs" / "ev4", run)
     info = json.loads((run / "ilora.json").read_text())
     info["fusion"] = fusion
     (run / "ilora.json").write_text(json.dumps(info))
+    write_run_manifest(run, info)
     return str(run)
 
 

@@ -83,3 +83,22 @@ def test_describe_shows_json_cut_to_three_levels_and_three_items():
     assert describe({"name": "x"}) == '{"name": "x"}'
     assert describe([[], {}]) == "[[], {}]"
     assert describe(2**64) == "an integer of 65 bits"
+
+
+def test_numpy_integer_ids_are_read_as_ids_and_numpy_booleans_and_floats_are_refused():
+    """Before: `ilora_cli.api.recommend(RUN, [[numpy.int64(3)]])` did not take an id read from an array (a
+    TypeError from the JSON output, or a refusal naming int64)."""
+    import json
+
+    import numpy as np
+
+    resolve = ItemResolver(TITLES)
+    for value in (np.int64(3), np.int32(3), np.uint8(3)):
+        got = resolve(value)
+        assert got == 3 and type(got) is int and json.dumps(got) == "3"
+        assert resolve({"item_id": value, "title": "Item D3"}) == 3
+    with pytest.raises(UserError, match="Unknown item id 30"):
+        resolve(np.int64(30))
+    for value, named in ((np.bool_(True), "bool"), (np.float64(3.0), "3.0"), (np.float32(3.0), "float32")):
+        with pytest.raises(UserError, match=f"The history entry {named} is neither an item id nor a title"):
+            resolve(value)

@@ -304,3 +304,108 @@ def test_histories_bom_empty_deep_and_batch_lines(tmp_path):
     assert batch and users[0] == [1, 2] and users[-1] == [5]
     bad = [u for u in users if isinstance(u, BadLine)]
     assert [b.message.split(" line ")[1].split(" ")[0].rstrip(":") for b in bad] == ["2", "4", "5"]
+
+
+def whole_file_histories(path: Path) -> tuple[list, bool] | str:
+    """What recommend read before it streamed a batch (the whole file at once), as the reference a streamed read
+    must equal: ``(users, batch)`` with each BadLine as its message, or the UserError's sentence."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        return f"{path} is not UTF-8 text."
+    if not text.strip():
+        return f"The history file {path} is empty."
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        return f"{path} is nested too deeply to be a history."
+    except json.JSONDecodeError:
+        users = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    users.append(f"{path} line {lineno} is not valid JSON ({exc.msg})")
+                    continue
+                except RecursionError:
+                    users.append(f"{path} line {lineno} is nested too deeply to be a history")
+                    continue
+                ok = isinstance(value, list) or (isinstance(value, dict) and isinstance(value.get("history"), list))
+                users.append(
+                    value if ok else f"{path} line {lineno}: a history must be a JSON list of item ids or titles"
+                )
+        return users, True
+    if not (isinstance(doc, list) or (isinstance(doc, dict) and isinstance(doc.get("history"), list))):
+        return f"{path}: a history must be a JSON list of item ids or titles."
+    return [doc], False
+
+
+def streamed_histories(path: Path) -> tuple[list, bool] | str:
+    try:
+        users, batch = read_histories(path)
+    except UserError as exc:
+        return str(exc)
+    return [u.message if isinstance(u, BadLine) else u for u in users], batch
+
+
+STREAM_CASES = {
+    "one list": "[1, 2, 3]",
+    "one list, blank lines after": "[1, 2]\n\n  \n",
+    "one list over lines": "[1,\n 2,\n 3]\n",
+    "an object over lines": '{"history":\n [1, 2]}\n',
+    "two lines": "[1]\n[2]\n",
+    "first line broken": "[1, 2\n[3]\n",
+    "first line two values": "[1] [2]\n[3]\n",
+    "CRLF": "[1]\r\n\r\n[2]\r\n",
+    "lone CR": "[1]\r[2]\r",
+    "form feed and U+2028 as line breaks": "[1]\x0c[2]\n[3]\u2028[4]\n",
+    "U+2028 after one list": "[1, 2]\u2028\n",
+    "a BOM, then a batch": "\ufeff[1]\n[2]\n",
+    "deep first line": "[" * 50_000 + "]" * 50_000 + "\n[5]\n",
+    "deep later line": "[5]\n" + "[" * 50_000 + "]" * 50_000 + "\n[6]\n",
+    "a number, then a list": "1\n[2]\n",
+    "only a number": "7\n",
+    "blank first lines": "\n \t\n[1]\n[2]\n",
+    "only whitespace": " \n\x0c\n",
+    "not UTF-8 late": "[1]\n[2]\n\udcff\n",
+}
+
+
+@pytest.mark.parametrize("text", list(STREAM_CASES.values()), ids=list(STREAM_CASES))
+def test_a_streamed_history_file_reads_as_the_whole_file_did(tmp_path, text):
+    h = tmp_path / "h.jsonl"
+    h.write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert streamed_histories(h) == whole_file_histories(h)
+
+
+def test_a_large_batch_is_answered_line_by_line_in_bounded_memory(tmp_path):
+    """Before: `recommend --user-history` of a 250 MB JSONL held every parsed line (2.4 GB) and answered the first
+    after 31 s. A batch of 20 MB is read here while at most one user is held and the first user comes before the
+    rest is read: a later line changed after the first user was taken is read as changed."""
+    import tracemalloc
+
+    from ilora_cli.evaluation.recommend import iter_histories
+
+    h = tmp_path / "big.jsonl"
+    line = "[" + ", ".join(["12345"] * 2000) + "]\n"  # 14 KB a user
+    n = 20_000_000 // len(line)
+    with open(h, "w") as fh:
+        fh.writelines(line for _ in range(n))
+    tracemalloc.start()
+    try:
+        users, batch = iter_histories(h)
+        first = next(users)
+        with open(h, "r+b") as fh:  # the last user, changed in place: a reader that had read the file sees the old
+            fh.seek(-len(line), 2)
+            fh.write(("[" + ", ".join(["54321"] * 2000) + "]\n").encode())
+        count, last = 1, None
+        for user in users:  # one at a time: a list of them all would hold the file
+            count, last = count + 1, user
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert batch and first == [12345] * 2000 and count == n and last == [54321] * 2000
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB held while reading a {h.stat().st_size / 2**20:.0f} MiB batch"

@@ -210,6 +210,47 @@ def test_resume_with_other_settings_is_refused_naming_them(home):
     assert done["complete"] and done["resumed_from"].endswith("step-000002")
 
 
+@pytest.mark.slow
+def test_resume_on_another_dataset_encoder_or_holdout_is_refused(home, tmp_path):
+    """Before: `train --resume --dataset OTHER` continued the run on the other dataset (and its encoder), exit 0."""
+    from ilora_cli.data.prepared import write_prepared
+    from ilora_cli.encoders.train import EncodeConfig, encode
+
+    from conftest import cycle_source
+
+    train(_cfg(home, name="half", max_steps=4, checkpoint_every=1, stop_after=2))
+    other = cycle_source(n_items=30, n_users=40, length=12, seed=1)  # the same catalogue, other users
+    write_prepared(other, "cyc2", home / "datasets" / "cyc2", n_candidates=6, draws=2, seed=3)
+    encode(EncodeConfig(dataset="cyc2", hidden_size=16, epochs=2, quiet=True))
+    encode(EncodeConfig(dataset="cyc", name="cyc-other", hidden_size=16, epochs=2, seed=9, quiet=True))
+    refused = {
+        "cyc2": ({"dataset": "cyc2"}, r"dataset: 'cyc' \(checksum \w+\) there, 'cyc2' \(checksum \w+\) now"),
+        "encoder": ({"encoder": "cyc-other"}, r"encoder: weights \w+ there, \w+ now"),
+        "holdout": ({"holdout": "none"}, "holdout: None there, 'none' now"),
+    }
+    for change, named in refused.values():
+        with pytest.raises(UserError, match=named) as exc:
+            train(_cfg(home, name="half", max_steps=4, checkpoint_every=1, resume=True, **change))
+        assert "\n" not in str(exc.value)
+    r = run_cli("train", "--name", "half", "--resume", "--dataset", "cyc2", home=home)
+    assert r.returncode == 2 and "trained on other data" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (home / "runs" / "half" / "ilora.json").exists()
+    # the same dataset elsewhere is the same data: where it lies does not matter
+    shutil.copytree(home / "datasets" / "cyc", tmp_path / "moved-cyc")
+    done = train(
+        _cfg(home, name="half", max_steps=4, checkpoint_every=1, resume=True, dataset=str(tmp_path / "moved-cyc"))
+    )
+    assert done["complete"] and done["resumed_from"].endswith("step-000002")
+
+
+@pytest.mark.slow
+def test_validation_steps_beyond_an_epoch_run_are_refused_before_it_starts(home):
+    """Without max_steps the run's length is known once its rows are: validate_at beyond it is refused then."""
+    with pytest.raises(UserError, match=r"validate_at lists step 100000 beyond the run's \d+ optimisation steps"):
+        train(_cfg(home, name="val", epochs=1, validate_at=[1, 100_000]))
+    assert not (home / "runs" / "val").exists()
+
+
 # -- what a failed first step leaves ---------------------------------------------------------------------------------
 
 

@@ -73,23 +73,39 @@ def _edit_info(run: Path, change) -> None:
 
 
 @pytest.mark.slow
-def test_recommend_json_is_valid_json_when_fusion_weights_are_extreme(home, tmp_path):
-    """Before: `recommend --json` printed -Infinity for the scores of a run with extreme (finite) fusion weights."""
-    run = _copy_run(home, tmp_path)
-    _edit_info(run, lambda info: info.__setitem__("fusion", {"llm": 1e308, "encoder": 1e308}))
+def test_edited_or_absurd_fusion_weights_and_a_removed_fusion_are_refused(home, tmp_path):
+    """Before: fusion weights of 1e308 (or -1e308) in ilora.json gave a ranking of NaN scores written as null, exit
+    0, and removing the fusion of a run trained with one silently ranked by the LLM alone."""
+    from ilora_cli.training import run as runs
+
     history = tmp_path / "h.json"
     history.write_text("[1, 2, 3]")
-    r = run_cli("recommend", "--run", str(run), "--user-history", str(history), "--json", home=home)
-    assert r.returncode == 0, r.stderr
-    doc = _strict_json(r.stdout)
-    assert all(x["score"] is None for x in doc["recommendations"]) and "written as null" in r.stderr
     batch = tmp_path / "h.jsonl"
     batch.write_text("[1, 2, 3]\n[4, 5]\n")
-    r = run_cli("recommend", "--run", str(run), "--user-history", str(batch), home=home)
-    assert r.returncode == 0 and [len(_strict_json(line)["recommendations"]) for line in r.stdout.splitlines()] == [
-        10,
-        10,
-    ]
+    edits = {
+        "1e308": lambda info: info.__setitem__("fusion", {"llm": 1e308, "encoder": 1e308}),
+        "-1e308": lambda info: info.__setitem__("fusion", {"llm": -1e308, "encoder": 1.0}),
+        "NaN": lambda info: info.__setitem__("fusion", {"llm": float("nan"), "encoder": 1.0}),
+        "other weights": lambda info: info.__setitem__("fusion", {"llm": 1.0, "encoder": 0.0}),
+        "no fusion": lambda info: info.__setitem__("fusion", None),
+        "K": lambda info: info["experts"].__setitem__("experts", 1),
+    }
+    for name, edit in edits.items():
+        shutil.rmtree(tmp_path / "s2-copy", ignore_errors=True)
+        run = _copy_run(home, tmp_path, "s2")
+        _edit_info(run, edit)
+        for extra in (("--user-history", str(history), "--json"), ("--user-history", str(batch))):
+            r = run_cli("recommend", "--run", str(run), *extra, home=home)
+            assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout, (name, r.stderr)
+            assert "ilora.json" in r.stderr and len(r.stderr.strip().splitlines()) <= 3, (name, r.stderr)
+        if name in ("other weights", "K"):
+            continue
+        # even where the manifest were written again for the edit, such weights and a missing fusion are refused
+        runs.write_run_manifest(run, json.loads((run / "ilora.json").read_text()))
+        with pytest.raises(UserError, match="ilora.json"):
+            runs.load_run(run)
+    shutil.rmtree(tmp_path / "s2-copy")
+    assert runs.load_run(_copy_run(home, tmp_path, "s2")).fusion is not None  # the unedited copy loads
 
 
 def test_json_text_writes_non_finite_numbers_as_null():
@@ -190,6 +206,22 @@ def test_grid_values_that_would_share_a_cell_name_are_refused(data):
     with pytest.raises(UserError, match="0.5 and 0.5000001 would both be named 'users0.5'"):
         resolve_ablation(None, {"dataset": "cyc", "train_fraction": "0.5,0.5000001"}, None)
     assert resolve_ablation(None, {"dataset": "cyc", "train_fraction": "0.5,0.500001"}, None).train_fraction
+
+
+def test_a_train_fraction_that_keeps_no_user_is_refused_by_the_dry_run(data):
+    """Before: `ablate --train-fraction 1e-300 --dry-run` accepted a fraction that keeps no training user."""
+    import re
+
+    from ilora_cli.data.holdout import train_users
+    from ilora_cli.data.prepared import PreparedDataset
+
+    n_users = len(set(train_users(PreparedDataset.open("cyc"))[0].tolist()))
+    for fraction in ("1e-300", f"0.5,{0.4 / n_users:g}"):
+        r = run_cli("ablate", "--dataset", "cyc", "--train-fraction", fraction, "--dry-run", home=data)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert re.search(rf"keeps 0 of the {n_users} training users of 'cyc'; give at least", r.stderr), r.stderr
+    r = run_cli("ablate", "--dataset", "cyc", "--train-fraction", f"0.5,{1 / n_users:g}", "--dry-run", home=data)
+    assert r.returncode == 0, r.stderr
 
 
 def test_candidates_the_catalogue_cannot_fill_are_refused_by_the_dry_run(data):
@@ -321,6 +353,30 @@ def test_gradient_conflict_with_more_clusters_than_distinct_users_is_one_sentenc
     assert distinct < len(rows)  # the premise: more rows than distinct representations
     with pytest.raises(UserError, match=f"distinct user representations .* fewer than the {distinct + 1} clusters"):
         gradient_conflict(AnalysisConfig(run="s2", clusters=distinct + 1, rows_per_cluster=1, output=tmp_path / "gc"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", ["x: [1, 2\n", "- 1\n- 2\n", "seed: [1]\n"], ids=["not YAML", "a list", "a bad value"])
+def test_gradient_conflict_of_a_run_whose_config_yaml_is_damaged_is_one_sentence(home, tmp_path, text):
+    """Before: a config.yaml that was not YAML, or a YAML list, ended in yaml's ParserError or an AttributeError."""
+    run = _copy_run(home, tmp_path)
+    (run / "config.yaml").write_text(text)
+    r = run_cli("ablate", "--analysis", "gradient-conflict", "--run", str(run), "--output", str(tmp_path / "gc"),
+                "clusters=2", "rows_per_cluster=1", home=home)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "has no valid config.yaml" in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
+    assert not (tmp_path / "gc").exists()
+
+
+@pytest.mark.slow
+def test_export_to_a_place_that_cannot_hold_a_folder_is_one_sentence(home, tmp_path):
+    """Before: `export --output /proc/x` ended in a FileNotFoundError from the temporary folder."""
+    for output in ("/proc/x", "/proc/x/y", str(tmp_path / "a-file" / "x")):
+        (tmp_path / "a-file").write_text("mine\n")
+        r = run_cli("export", "--run", "s2", "--output", output, home=home)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (output, r.stderr)
+        assert f"Could not write {output}" in r.stderr and "nothing was written" in r.stderr, r.stderr
+    assert (tmp_path / "a-file").read_text() == "mine\n"
 
 
 @pytest.mark.parametrize(

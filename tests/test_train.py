@@ -326,8 +326,10 @@ def test_gradient_accumulation_equals_the_larger_batch_and_resumes_mid_cycle_exa
     bit for bit where the uninterrupted run ends."""
     from ilora_cli.training.loop import Trainer
 
-    # 24 rows (the held users' last 4): epochs of 3 steps of 8 or 6 of 2 × 4 end at the same row
-    common = dict(max_steps=4, experts=2, lora_dropout=0.0, checkpoint_every=1, holdout="users:0.2+last:4")
+    # 24 rows (the held users' last 4, none set apart): epochs of 3 steps of 8 or 6 of 2 × 4 end at the same row
+    common = dict(
+        max_steps=4, experts=2, lora_dropout=0.0, checkpoint_every=1, holdout="users:0.2+last:4", apart_users=0
+    )
     big = Trainer(_cfg(world, name="ga-big", batch_size=8, **common))
     big.run()
     accumulated = Trainer(_cfg(world, name="ga-acc", batch_size=4, grad_accum=2, **common))

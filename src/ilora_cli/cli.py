@@ -425,14 +425,14 @@ def recommend(
 
     from .config import resolve
     from .console import err, json_text, labelled, print_json
-    from .evaluation.recommend import RecommendConfig, Recommender, read_histories
+    from .evaluation.recommend import RecommendConfig, Recommender, iter_histories
 
     cfg = resolve(
         RecommendConfig, config, dict(run=run, user_history=user_history, top_k=top_k, candidates=candidates), overrides
     )
     if print_config:
         _print_config(cfg)
-    users, batch = read_histories(cfg.user_history)
+    users, batch = iter_histories(cfg.user_history)  # checked now; a batch's lines are read as they are answered
     rec = Recommender(cfg)
     failed = 0
     for lineno, user in enumerate(users, 1):

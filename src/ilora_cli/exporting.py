@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .home import RUN_CONTENTS, atomic_directory, write_manifest
+from .home import RUN_CONTENTS, atomic_directory
 
 # What a run directory holds that the copy keeps (missing optional entries are skipped); manifest.json holds the
 # checksums that eval and recommend verify: the copied files are byte-identical.
@@ -42,7 +42,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
     """Copy the run (and merge it when asked); returns what was written."""
     from .card import write_card
     from .evaluation.evaluate import resolve_run
-    from .training.run import RUN_FILES, check_run_files, read_info
+    from .training.run import check_run_files, read_info, write_run_manifest
 
     config.validate()
     run_dir = resolve_run(config.run)
@@ -73,7 +73,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
             elif src.is_file():
                 shutil.copy2(src, tmp / name)
         if _portable_adapter_config(tmp / "adapter" / "adapter_config.json", info["backbone"]["name"]):
-            write_manifest(tmp, [f for f in RUN_FILES if (tmp / f).is_file()])  # the copy's own checksums
+            write_run_manifest(tmp, info)  # the copy's own checksums
         if not (tmp / "README.md").is_file():
             write_card(tmp)
         if config.merge:

@@ -288,10 +288,8 @@ def atomic_directory(target: Path, overwrite: bool = False, kind: str | None = N
         target.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    except OSError as exc:
-        reason = unwritable(exc) or disk_error(exc)
-        if reason is None:
-            raise
+    except OSError as exc:  # a place that cannot hold a folder (/proc/x, below a file, read-only, a full disk)
+        reason = unwritable(exc) or disk_error(exc) or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
         raise UserError(f"Could not write {target} ({reason}); nothing was written.") from None
     try:
         yield tmp
@@ -327,9 +325,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path, files: list[str] | None = None) -> dict:
+def write_manifest(directory: Path, files: list[str] | None = None, extra: dict | None = None) -> dict:
     """Write ``manifest.json``: the size and SHA-256 of ``files`` (paths relative to ``directory``; default:
-    every file under it). Write it last: an artifact whose manifest checks out is complete."""
+    every file under it), plus the ``extra`` keys. Write it last: an artifact whose manifest checks out is
+    complete."""
     directory = Path(directory)
     if files is None:
         files = sorted(
@@ -338,6 +337,7 @@ def write_manifest(directory: Path, files: list[str] | None = None) -> dict:
     doc = {
         "format_version": 1,
         "files": {f: {"size": (directory / f).stat().st_size, "sha256": _sha256(directory / f)} for f in files},
+        **(extra or {}),
     }
     write_text_durably(directory / MANIFEST, json.dumps(doc, indent=1) + "\n")
     return doc

@@ -126,10 +126,10 @@ def _training_dataset(config: AnalysisConfig, dirs: dict[str, Path]) -> Prepared
         raise UserError("The run and the baseline were trained on different datasets; compare runs of one dataset.")
     name = config.dataset
     if name is None:
-        saved = dirs["run"] / "config.yaml"
-        import yaml
+        from ..training.identity import saved_config
 
-        name = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("dataset") if saved.is_file() else None
+        saved = dirs["run"] / "config.yaml"
+        name = saved_config(dirs["run"]).dataset if saved.is_file() else None
         name = name or infos["run"]["dataset"]["name"]
     dataset = PreparedDataset.open(str(name))
     if dataset.checksum not in checksums:
@@ -198,10 +198,10 @@ def user_clusters(encoder, split: SplitData, config: AnalysisConfig, allowed: np
 def cluster_gradients(run, directory: Path, split: SplitData, rows: list[list[int]], config: AnalysisConfig):
     """Per cluster: the summed LoRA gradient of the run's objective; their cosine matrix, norms and mean gates."""
     from ..llm.prompt import TEMPLATE_SETS
-    from ..training.config import TrainConfig
+    from ..training.identity import saved_config
     from ..training.samples import TrainSamples
 
-    train = resolve(TrainConfig, directory / "config.yaml")
+    train = saved_config(directory)
     model = run.model.eval()
     lora = [p for n, p in sorted(model.named_parameters()) if "lora_" in n]
     for p in model.parameters():

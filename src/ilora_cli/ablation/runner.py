@@ -69,6 +69,7 @@ def plan(config: AblateConfig) -> Plan:
     dataset = PreparedDataset.open(config.dataset)
     eval_dataset = PreparedDataset.open(config.eval_dataset) if config.eval_dataset else None
     check_candidates(config.candidates, dataset, eval_dataset)
+    check_fractions(config.train_fraction, dataset)
     return Plan(
         config=config,
         directory=config.directory(),
@@ -77,6 +78,20 @@ def plan(config: AblateConfig) -> Plan:
         cells=cells,
         reference=reference_cell(cells, config.reference),
     )
+
+
+def check_fractions(fractions: list[float] | None, dataset: PreparedDataset) -> None:
+    """Refuse, when the grid is planned, a train fraction that keeps no training user of the dataset."""
+    if not fractions or all(f >= 1 for f in fractions):
+        return
+    import numpy as np
+
+    from ..data.holdout import train_users
+    from ..data.variants import users_kept
+
+    n_users = len(np.unique(train_users(dataset)[0]))
+    for fraction in fractions:
+        users_kept(fraction, n_users, dataset.name)
 
 
 def check_candidates(counts: list[int] | None, dataset: PreparedDataset, eval_dataset: PreparedDataset | None) -> None:

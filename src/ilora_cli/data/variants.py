@@ -123,6 +123,17 @@ def _write_extra(path: Path, cands: np.ndarray, sample_id: np.ndarray, checksum:
 
 
 # -- fewer training users ----------------------------------------------------------------------------
+def users_kept(fraction: float, n_users: int, dataset_name: str) -> int:
+    """How many of ``n_users`` training users a train ``fraction`` keeps; one sentence when it keeps none."""
+    kept = int(round(fraction * n_users))
+    if kept < 1:
+        raise UserError(
+            f"A train fraction of {fraction:g} keeps {kept} of the {n_users:,} training users of {dataset_name!r}; "
+            f"give at least {1 / n_users:.3g} (one user)."
+        )
+    return kept
+
+
 def user_subset(dataset: PreparedDataset, fraction: float, seed: int, out_dir: Path) -> PreparedDataset:
     """A copy of ``dataset`` in ``out_dir`` whose train split keeps a seeded ``fraction`` of the training users.
 
@@ -143,7 +154,7 @@ def user_subset(dataset: PreparedDataset, fraction: float, seed: int, out_dir: P
             return existing
     users, how = train_users(dataset)
     distinct = np.unique(users)
-    n_keep = max(1, int(round(fraction * len(distinct))))
+    n_keep = users_kept(fraction, len(distinct), dataset.name)
     kept_users = np.random.default_rng([seed, 0x05E45]).permutation(distinct)[:n_keep]
     rows = np.flatnonzero(np.isin(users, kept_users))
     train = load_from_disk(str(dataset.path / "train")).select(rows)

@@ -125,6 +125,43 @@ class EncodeConfig:
         return {**common, "n_h": self.caser_h, "n_v": self.caser_v}
 
 
+# Bytes of memory training needs per parameter: the weights, their gradients, Adam's two moments and its
+# temporaries, and the best weights kept for early stopping (two copies while a better epoch replaces them).
+BYTES_PER_PARAMETER = 4 * 8
+ACTIVATIONS_PER_BLOCK = 16  # (batch, length, hidden) float tensors kept for the backward pass per block
+
+
+def training_memory(config: EncodeConfig, n_items: int, max_len: int) -> int:
+    """An estimate, in bytes, of what training the encoder of ``config`` takes: its parameters (counted on a model
+    built without memory) and the activations of one batch, with the catalogue-wide scores and their gradient."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = build_encoder(config.model, n_items, config.model_config(max_len))
+    parameters = sum(p.numel() for p in model.parameters())
+    rows = config.batch_size * max_len * config.hidden_size  # (B, L, d)
+    activations = rows * (ACTIVATIONS_PER_BLOCK * config.num_blocks + 4) + 3 * config.batch_size * (n_items + 1)
+    return parameters * BYTES_PER_PARAMETER + activations * 4
+
+
+def check_training_memory(config: EncodeConfig, n_items: int, max_len: int, available: int | None = None) -> None:
+    """Refuse, before anything is allocated, an encoder whose training would need more memory than there is (the
+    machine's available memory on cpu, the GPU's free memory on cuda): `hidden_size=8192` allocated until it
+    failed."""
+    from ..data.checks import available_memory
+
+    if available is None:
+        if config.device.startswith("cuda") and torch.cuda.is_available():
+            available = torch.cuda.mem_get_info(torch.device(config.device))[0]
+        else:
+            available = available_memory()
+    need = training_memory(config, n_items, max_len)
+    if available is not None and need > available:
+        raise UserError(
+            f"Training a {config.model} encoder of hidden_size={config.hidden_size} with {config.num_blocks} "
+            f"block(s) on {n_items} items would take about {need / 2**30:.1f} GiB of memory, more than the "
+            f"{available / 2**30:.1f} GiB available on {config.device}; lower hidden_size, num_blocks or batch_size."
+        )
+
+
 def training_loss(
     model: SequentialEncoder,
     seq: torch.Tensor,
@@ -186,6 +223,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             f"{config.monitor}; pick monitor=full_hr@10 or full_ndcg@10."
         )
     max_len = config.max_len or dataset.max_history
+    check_training_memory(config, dataset.n_items, max_len)
 
     old_threads = torch.get_num_threads()
     if config.threads:

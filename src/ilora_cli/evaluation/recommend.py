@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class ItemResolver:
     def __call__(self, entry: Any, what: str = "history entry") -> int:
         """The id of ``entry``; ``what`` names it in the error sentences (a history entry, a candidate)."""
         if not isinstance(entry, dict):
+            entry = _plain(entry)
             if isinstance(entry, bool) or not isinstance(entry, (int, str)):
                 raise UserError(f"The {what} {describe(entry)} is neither an item id nor a title.")
             return self._resolve(entry)
@@ -65,7 +67,7 @@ class ItemResolver:
             raise UserError(f"The {what} {describe(entry)} has neither an item_id nor a title.")
         found = {}
         for key in names:
-            value = entry[key]
+            value = _plain(entry[key])
             if isinstance(value, bool) or not isinstance(value, (int, str)):
                 raise UserError(f"The {what}'s {key} {describe(value)} is neither an item id nor a title.")
             found[key] = self._resolve(value)
@@ -96,6 +98,12 @@ class ItemResolver:
         raise UserError(f"Unknown title {entry!r}{hint}.")
 
 
+def _plain(entry: Any) -> Any:
+    """A numpy integer as the Python int it holds (an id from an array, in the Python API); anything else as it is.
+    numpy's booleans and floats are not integers here, as JSON's true and 1.0 are not ids."""
+    return int(entry) if isinstance(entry, np.integer) else entry
+
+
 class BadLine:
     """A line of a JSONL batch that is not a history: reported in its place when its turn comes."""
 
@@ -103,40 +111,95 @@ class BadLine:
         self.message = message
 
 
-MAX_HISTORY_FILE = 256 << 20  # bytes: a history file is read whole
+MAX_HISTORY_FILE = 256 << 20  # bytes: a single history is read whole (a JSONL batch is read line by line)
+_CHUNK = 1 << 20  # characters read at a time where a file is scanned, not kept
+_JSON_SPACE = " \t\n\r"  # what JSON allows around a document
 
 
 def read_histories(path: Path, what: str = "history file") -> tuple[list[Any], bool]:
-    """A JSON list (one user) or a JSONL file (one list per line: batch mode).
+    """A JSON list (one user) or a JSONL file (one list per line: batch mode), as a list; see
+    :func:`iter_histories`."""
+    users, batch = iter_histories(path, what)
+    return list(users), batch
 
-    In batch mode a line that is not a history becomes a :class:`BadLine` in its place, so that every
-    other line still gets its recommendations (``recommend`` reports the bad line by its number, on stdout
-    and stderr, and exits 2 at the end); a single history that is not valid is refused at once.
+
+def iter_histories(path: Path, what: str = "history file") -> tuple[Iterator[Any], bool]:
+    """A JSON list (one user) or a JSONL file (one list per line: batch mode), and which of the two it is.
+
+    The file is checked at once (present, UTF-8, not empty, a single history that is valid); a batch's lines are
+    then read one at a time as the iterator is consumed, so that the first users are answered before the last are
+    read and memory holds one line, not the file. In batch mode a line that is not a history becomes a
+    :class:`BadLine` in its place, so that every other line still gets its recommendations (``recommend``
+    reports the bad line by its number, on stdout and stderr, and exits 2 at the end); a single history that is
+    not valid is refused at once.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"The {what} {path} is {'a folder, not a file' if path.is_dir() else 'missing'}.")
     if path.stat().st_size > MAX_HISTORY_FILE:
         raise UserError(f"The {what} {path} is larger than {MAX_HISTORY_FILE >> 20} MiB; split it.")
+    if not _utf8_with_content(path):
+        raise UserError(f"The {what} {path} is empty.")
+    found, doc = _single_document(path)
+    if not found:
+        return _batch_lines(path), True
+    if history_problem(doc) is not None:
+        raise UserError(f"{path}: {history_problem(doc)}.")
+    return iter([doc]), False
+
+
+def _open(path: Path):
+    return open(path, encoding="utf-8-sig")  # a byte-order mark is allowed, as in the interactions reader
+
+
+def _utf8_with_content(path: Path) -> bool:
+    """Whether the file holds anything but whitespace; one sentence when it is not UTF-8 text (read in chunks)."""
+    content = False
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is allowed, as in the interactions reader
+        with _open(path) as fh:
+            while chunk := fh.read(_CHUNK):
+                content = content or bool(chunk.strip())
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text.") from None
-    if not text.strip():
-        raise UserError(f"The {what} {path} is empty.")
+    return content
+
+
+def _single_document(path: Path) -> tuple[bool, Any]:
+    """``(True, doc)`` where the whole file is one JSON document, else ``(False, None)`` (a JSONL batch).
+
+    A batch is told from its first line that holds anything: a JSON value alone on it, followed by more than
+    JSON whitespace, makes the file a batch without reading further than that. Where the first line is not a value
+    by itself (a document written over several lines, or a batch whose first line is broken) the file is parsed
+    whole, as a single document is."""
+    with _open(path) as fh:
+        first = next((line for line in fh if line.strip(_JSON_SPACE)), "")
+        try:
+            doc = json.loads(first)
+        except RecursionError:
+            raise UserError(f"{path} is nested too deeply to be a history.") from None
+        except json.JSONDecodeError:
+            pass
+        else:
+            rest = any(line.strip(_JSON_SPACE) for line in fh)
+            return (False, None) if rest else (True, doc)
     try:
-        doc = json.loads(text)
-        users, batch = [doc], False
+        return True, json.loads(path.read_text(encoding="utf-8-sig"))
     except RecursionError:
         raise UserError(f"{path} is nested too deeply to be a history.") from None
     except json.JSONDecodeError:
-        users, batch = [], True
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                users.append(_history_line(line, path, lineno))
-    if not batch and history_problem(doc) is not None:
-        raise UserError(f"{path}: {history_problem(doc)}.")
-    return users, batch
+        return False, None
+
+
+def _batch_lines(path: Path) -> Iterator[Any]:
+    """Each line of a JSONL batch as a history or a :class:`BadLine`, read as it is asked for. Lines are split as
+    ``str.splitlines`` splits them, and numbered from 1; blank lines are skipped but counted."""
+    lineno = 0
+    with _open(path) as fh:
+        for physical in fh:
+            for line in physical.splitlines():
+                lineno += 1
+                if line.strip():
+                    yield _history_line(line, path, lineno)
 
 
 def _history_line(line: str, path: Path, lineno: int) -> Any:

@@ -188,6 +188,8 @@ class TrainConfig:
         check_seed(self)
         if self.validate_at is not None and any(x < 1 for x in self.validate_at):
             raise UserError(f"validate_at lists optimisation steps, from 1; got {self.validate_at}.")
+        if self.max_steps is not None:
+            check_validate_at(self.validate_at, self.max_steps)
         if self.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--load-in-4bit needs bitsandbytes: pip install 'ilora[4bit]'.")
         if self.report_to not in REPORT_TO:
@@ -253,3 +255,14 @@ class TrainConfig:
         if self.output is not None:
             return Path(self.output)
         return named_run_dir(self.name or f"{Path(self.dataset).name}-k{self.experts}")
+
+
+def check_validate_at(steps: list[int] | None, total_steps: int) -> None:
+    """Refuse validation steps beyond the run's last step (they would never be validated, silently)."""
+    beyond = sorted(x for x in steps or [] if x > total_steps)
+    if beyond:
+        listed = ", ".join(map(str, beyond[:4])) + (", ..." if len(beyond) > 4 else "")
+        raise UserError(
+            f"validate_at lists step{'s' if len(beyond) > 1 else ''} {listed} beyond the run's {total_steps} "
+            f"optimisation step{'s' if total_steps > 1 else ''}; list steps from 1 to {total_steps}, or train longer."
+        )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -63,6 +62,24 @@ RUN_FILES = (
     "encoder/encoder.json",
     "encoder/encoder.safetensors",
 )
+
+
+# The parts of ilora.json that decide a run's ranking (K, the head, the fusion weights or their absence, ...): the
+# manifest records their checksum, so that an edit of them is refused like an edit of the weights.
+RANKING_KEYS = ("experts", "fusion", "normalize", "prompt", "templates", "dataset")
+MAX_FUSION_WEIGHT = 1e6  # |a|, |b|: trained weights stay within a few units; 1e308 made every score NaN
+
+
+def ranking_sha256(info: dict[str, Any]) -> str:
+    """The SHA-256 of the settings of ``info`` (an ``ilora.json`` document) that decide the run's ranking."""
+    doc = {k: info.get(k) for k in RANKING_KEYS} | {"encoder": info.get("encoder", {}).get("sha256")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def write_run_manifest(run_dir: Path, info: dict[str, Any]) -> None:
+    """The run's manifest: its files, and the checksum of the ranking settings of ``info``."""
+    files = [f for f in RUN_FILES if (Path(run_dir) / f).is_file()]
+    write_manifest(run_dir, files, extra={"ranking_sha256": ranking_sha256(info)})
 
 
 def write_final(run_dir: Path, model, info: dict[str, Any]) -> None:
@@ -113,7 +130,7 @@ def _write_final(run_dir: Path, model, info: dict[str, Any]) -> None:
     fsync_dir(run_dir)
     doc = dict(info, format_version=RUN_FORMAT, manifest=MANIFEST)
     write_text_durably(run_dir / "ilora.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    write_manifest(run_dir, [f for f in RUN_FILES if (run_dir / f).is_file()])
+    write_run_manifest(run_dir, doc)
 
 
 def replace_run(new: Path, target: Path) -> None:
@@ -201,9 +218,12 @@ def schema_problem(info: Any) -> str | None:
     fusion = info.get("fusion")
     if fusion is not None and not (
         isinstance(fusion, dict)
-        and all(_type_ok(fusion.get(k), _NUMBER) and math.isfinite(fusion[k]) for k in ("llm", "encoder"))
-    ):
-        return "ilora.json's fusion is not a pair of finite weights"
+        and all(_type_ok(fusion.get(k), _NUMBER) and abs(fusion[k]) <= MAX_FUSION_WEIGHT for k in ("llm", "encoder"))
+    ):  # abs(NaN) <= x is False: NaN is refused too
+        return f"ilora.json's fusion is not a pair of finite weights of at most {MAX_FUSION_WEIGHT:g} in size"
+    fitted = info.get("fusion_fit")
+    if fusion is None and isinstance(fitted, dict) and fitted.get("on", "none") != "none":
+        return "ilora.json has no fusion although its fusion_fit says the run was trained with one"
     if info.get("normalize", "sum") not in ("sum", "mean"):
         return f"ilora.json names an unknown normalisation {info.get('normalize')!r}"
     return None
@@ -222,11 +242,23 @@ def _damaged(run_dir: Path, problem: str) -> UserError:
     return UserError(f"The run {run_dir} is damaged or was edited ({problem}); train it again or restore a copy.")
 
 
+def _ranking_problem(run_dir: Path, info: dict[str, Any]) -> str | None:
+    """Whether ilora.json's ranking settings differ from those the manifest recorded (manifests of older versions
+    record none: their runs are checked by the schema and the tensors only)."""
+    recorded = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("ranking_sha256")
+    if recorded is not None and recorded != ranking_sha256(info):
+        return (
+            "the settings in ilora.json that decide its ranking (the experts and head, the fusion weights or their "
+            "absence, the normalisation, the prompt or the dataset) differ from those it was written with"
+        )
+    return None
+
+
 def check_run_files(run_dir: Path, info: dict[str, Any]) -> None:
     """The files against the manifest, and the saved tensors' shapes against what ilora.json claims."""
     run_dir = Path(run_dir)
     if info.get("manifest") is not None or (run_dir / MANIFEST).exists():
-        problem = manifest_problem(run_dir)
+        problem = manifest_problem(run_dir) or _ranking_problem(run_dir, info)
         if problem is not None:
             raise _damaged(run_dir, problem)
     ex = info["experts"]

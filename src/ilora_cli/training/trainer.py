@@ -24,9 +24,9 @@ from ..errors import UserError
 from ..home import append_json_line, check_replaceable
 from . import gate_stats, validation
 from .batches import Prefetcher, build_batch
-from .config import TrainConfig
+from .config import TrainConfig, check_validate_at
 from .fusion_fit import ApartRows
-from .identity import check_resume
+from .identity import check_resume, check_resume_data, data_identity
 from .loss import batch_loss
 
 _RESUME_HINT = "the last checkpoint is intact: free some space and pass --resume."
@@ -164,6 +164,7 @@ class Trainer:
         self.encoder, self.enc_info = encoder, enc_info
         self.split = self.dataset.split("train")
         rows, self.holdout = second_stage_rows(self.dataset, enc_info, config.holdout)
+        self.data_identity = data_identity(self.dataset, _encoder_sha256(Path(enc_info["path"])), self.holdout["spec"])
         if self.holdout["encoder_saw_training_rows"] and self.main:
             err.print(
                 f"[yellow]note:[/] the encoder {Path(enc_info['path']).name!r} was fitted on the rows this run trains "
@@ -204,6 +205,7 @@ class Trainer:
             )
         self.steps_per_epoch = self.micro_per_epoch // config.grad_accum
         self.total_steps = config.max_steps or max(1, int(self.steps_per_epoch * config.epochs))
+        check_validate_at(config.validate_at, self.total_steps)
 
     def _setup_model(self) -> None:
         from ..llm.backbone import load_backbone, prepare_for_training
@@ -325,6 +327,11 @@ class Trainer:
             )
         if damaged and self.main:
             labelled("warning", f"skipped a damaged checkpoint ({damaged[0]}); resuming from {path.name}.")
+        before = ck["state"].get("data")
+        if not isinstance(before, dict):  # a checkpoint of an older version: the run's copy of its encoder
+            copy = self.run_dir / "encoder" / "encoder.safetensors"
+            before = {"encoder_sha256": _encoder_sha256(copy.parent)} if copy.is_file() else {}
+        check_resume_data(self.run_dir, before, self.data_identity)
         self._apply_checkpoint(ck, path)
 
     def _apply_checkpoint(self, ck: dict[str, Any], path: Path) -> None:
@@ -622,6 +629,7 @@ class Trainer:
         if self.main:
             trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
             state = {"step": self.step_count, "total_steps": self.total_steps, "losses": self.losses}
+            state["data"] = self.data_identity  # what --resume must train on again (identity.py)
             scaler = getattr(self.accelerator, "scaler", None)
             if scaler is not None:  # fp16: the gradient scaler's scale, for an exact resume
                 state["scaler"] = {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
@@ -744,6 +752,12 @@ class Trainer:
                 k: summary[k] for k in ("steps", "final_loss", "samples_seen", "processes", "kept") if k in summary
             },
         }
+
+
+def _encoder_sha256(encoder_dir: Path) -> str:
+    from .run import file_sha256
+
+    return file_sha256(Path(encoder_dir) / "encoder.safetensors")
 
 
 def _below_note(check: dict[str, Any]) -> str:

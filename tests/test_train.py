@@ -96,7 +96,9 @@ def test_train_writes_a_complete_run_that_reloads_identically(world, tmp_path):
         assert torch.equal(params[name].detach(), value), name
     from ilora_cli.training.loop import is_trained_weight, weights_digest
 
-    assert set(ckpt) == {n for n in params if is_trained_weight(n)}
+    # the fusion is fitted on the users set apart after the last step (the default), so no checkpoint holds it
+    assert info["fusion_fit"]["on"] == "apart" and run.fusion == info["fusion"]
+    assert set(ckpt) == {n for n in params if is_trained_weight(n) and not n.startswith("fusion.")}
 
     stored = (run_dir / "logs" / "weights-rank0.sha256").read_text().strip()
     assert weights_digest(run.model) == stored
@@ -173,6 +175,7 @@ def test_rank_levers_train_save_and_reload(world):
             hard_negatives=0.5,
             hard_pool=8,
             fusion_lr=0.1,
+            apart_users=0,  # the fusion trained on the batches, by the optimizer (its loss term is logged)
             validate_at=[1, 3],
             validate_rows=3,
             validate_draws=1,

@@ -74,7 +74,7 @@ def untrained_information(kind: str, users: np.ndarray, groups: np.ndarray, k: i
         torch.manual_seed(seed)
         gate = Gate(kind, k, user_dim=users.shape[1], prompt_dim=1)
         with torch.no_grad():
-            values.append(group_information(gate(torch.as_tensor(users)).numpy(), groups))
+            values.append(group_information(gate(torch.as_tensor(users, device="cpu")).numpy(), groups))
     return float(np.mean(values))
 
 

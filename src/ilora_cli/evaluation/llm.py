@@ -28,7 +28,8 @@ def _forced(run, gates: np.ndarray | None, start: int, size: int):
     gate (evaluation's counterfactual); with None, by its own."""
     if gates is None:
         return contextlib.nullcontext()
-    return run.model.forcing_gates(torch.as_tensor(gates[start : start + size], dtype=torch.float32))
+    forced = torch.as_tensor(gates[start : start + size], dtype=torch.float32, device=run.model.device)
+    return run.model.forcing_gates(forced)
 
 
 @torch.no_grad()

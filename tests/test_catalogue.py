@@ -243,3 +243,20 @@ def test_the_fusion_is_fitted_on_rows_the_language_model_never_trained_on(world)
     assert info["fusion"] != {"llm": 0.0, "encoder": 1.0}
     log = [json.loads(x) for x in (world / "runs" / "apart" / "logs" / "train.jsonl").read_text().splitlines()]
     assert all("fusion" not in r and "loss_fused" not in r for r in log)  # nothing fitted on the batches
+
+
+def test_the_fusion_line_says_when_few_rows_were_set_apart():
+    from ilora_cli.training.trainer import FEW_APART_ROWS, _fusion_note
+
+    def fit(rows):
+        metrics = {k: {"ndcg@10": 0.1} for k in ("fused", "llm", "encoder")}
+        return {
+            "rows": rows,
+            "users": 2,
+            "over": "catalogue",
+            "weights": {"llm": 17.3, "encoder": -17.0},
+            **{"metrics": metrics},
+        }
+
+    assert "are few for two weights" in _fusion_note(fit(5))
+    assert "are few" not in _fusion_note(fit(FEW_APART_ROWS)) and "a = 17.300" in _fusion_note(fit(FEW_APART_ROWS))

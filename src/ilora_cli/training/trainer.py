@@ -779,7 +779,16 @@ def _fusion_note(fit: dict[str, Any]) -> str:
         f"{fit['over']} there: "
         + ", ".join(f"{name} {m[name][metric]:.3f}" for name in ("fused", "llm", "encoder") if name in m)
         + ")."
+        + (
+            f" {fit['rows']} rows are few for two weights: they may follow those users' noise (set more users apart "
+            "with apart_users, or train on more rows)."
+            if fit["rows"] < FEW_APART_ROWS
+            else ""
+        )
     )
+
+
+FEW_APART_ROWS = 50  # fewer rows set apart than this, and the fusion's line says its weights are uncertain
 
 
 @contextmanager

@@ -169,3 +169,20 @@ def test_every_example_config_states_its_command_and_resolves():
         resolve(getattr(importlib.import_module(module), cls), path)
         checked += 1
     assert checked >= 6
+
+
+def test_no_message_carries_markup_the_console_would_print_literally():
+    """The console prints without markup (messages quote titles and settings), so ``[yellow]note:[/]`` would reach
+    the user as written; labels are styled by ``console.labelled``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "ilora_cli"
+    tag = re.compile(r"\[/\]|\[(yellow|red|green|bold|dim)[^\]]*\]\w")
+    found = [
+        f"{p.relative_to(root)}:{n}"
+        for p in sorted(root.rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if tag.search(line) and "TextColumn" not in line
+    ]
+    assert not found, found
+    assert tag.search('f"[yellow]note:[/] x"')

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import metrics
-from ..console import err, progress
+from ..console import err, labelled, progress
 from ..data.prepared import PreparedDataset, SplitData
 from ..devices import check_device, resolve_device
 from ..errors import UserError
@@ -555,10 +555,11 @@ def below_encoder(result: dict[str, Any], per_user: dict[str, Any]) -> dict[str,
 
 def _say_if_below(run: str, below: dict[str, Any] | None, split: str) -> None:
     if below and below["below"]:
-        err.print(
-            f"[yellow]note:[/] the default ranking of {run} is below its own encoder on the {split} catalogue "
+        labelled(
+            "note",
+            f"the default ranking of {run} is below its own encoder on the {split} catalogue "
             f"({below['metric']} {below['default']:.4f} against {below['encoder']:.4f}, p = {below['p_value']:.3g}): "
-            "what recommend returns is ranked worse than the encoder alone would rank it."
+            "what recommend returns is ranked worse than the encoder alone would rank it.",
         )
 
 
@@ -577,16 +578,18 @@ def _holdout_note(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     """What the run records of its training rows; a note when its encoder had been fitted on them."""
     holdout = info.get("holdout")
     if holdout is None:
-        err.print(
-            f"[yellow]note:[/] the run {run_dir.name} predates holdouts: its encoder was most likely fitted on the "
-            "rows the run trained on, where its scores are far better than on new users."
+        labelled(
+            "note",
+            f"the run {run_dir.name} predates holdouts: its encoder was most likely fitted on the "
+            "rows the run trained on, where its scores are far better than on new users.",
         )
         return {"recorded": False, "encoder_saw_training_rows": None}
     if holdout.get("encoder_saw_training_rows"):
-        err.print(
-            f"[yellow]note:[/] the encoder of the run {run_dir.name} was fitted on the rows the run trained on "
+        labelled(
+            "note",
+            f"the encoder of the run {run_dir.name} was fitted on the rows the run trained on "
             f"(holdout {holdout.get('spec')}), so its fusion weights and what the LLM learned from the encoder's "
-            "vectors come from rows where the encoder is almost always right."
+            "vectors come from rows where the encoder is almost always right.",
         )
     return holdout
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..console import err
+from ..console import err, labelled
 from ..errors import UserError
 from .config import API_KEY_ENV, ServeConfig
 
@@ -93,10 +93,10 @@ def serve(config: ServeConfig, on_listening: Callable[[dict[str, Any]], None] | 
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     address = {"url": url, "host": host, "port": port, "run": str(run_dir), "docs": f"{url}/docs", "pid": os.getpid()}
     if key is None and config.host not in LOOPBACK:
-        err.print(
-            f"[yellow]warning:[/] listening on {config.host} without an API key: anyone who can reach it can use "
+        labelled(
+            "warning",
+            f"listening on {config.host} without an API key: anyone who can reach it can use "
             f"it; set {API_KEY_ENV} (or --api-key).",
-            highlight=False,
         )
     # uvicorn re-raises the signal that stopped it once it has drained; this handler turns SIGTERM into exit 0.
     signal.signal(signal.SIGTERM, _exit_quietly)

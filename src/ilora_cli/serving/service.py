@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
-
-from ..console import err
+from ..console import err, labelled
 from ..errors import UserError, describe
 from .batching import Batcher, Job
 from .config import ServeConfig
@@ -81,7 +79,7 @@ class Service:
             warm_up = self.job(UserRequest(history=[0]))
             await self.batcher.in_model_thread(lambda: self._score([warm_up]))  # not queued: nobody waits for it
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            labelled("error", str(exc), style="bold red")
             on_fatal(exc.exit_code)
             return
         except Exception:

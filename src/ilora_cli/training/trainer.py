@@ -166,11 +166,12 @@ class Trainer:
         rows, self.holdout = second_stage_rows(self.dataset, enc_info, config.holdout)
         self.data_identity = data_identity(self.dataset, _encoder_sha256(Path(enc_info["path"])), self.holdout["spec"])
         if self.holdout["encoder_saw_training_rows"] and self.main:
-            err.print(
-                f"[yellow]note:[/] the encoder {Path(enc_info['path']).name!r} was fitted on the rows this run trains "
+            labelled(
+                "note",
+                f"the encoder {Path(enc_info['path']).name!r} was fitted on the rows this run trains "
                 "on, so its scores there are far better than on new users (holdout "
                 f"{self.holdout['spec']}, training on {self.holdout['train_rows_from']}); an encoder with a holdout "
-                "leaves rows out for this stage (`ilora encode`, data/holdout.py)."
+                "leaves rows out for this stage (`ilora encode`, data/holdout.py).",
             )
         rows, apart = set_apart(rows, train_users(self.dataset)[0], config.apart_users, config.seed)
         self.samples = TrainSamples(

@@ -83,8 +83,13 @@ def test_shell_completion_of_commands_flags_and_setting_keys(ilora_home):
     assert complete("ilora train --keep") == ["--keep-best"]
     assert complete("ilora train grad_") == ["grad_accum="]
     assert set(complete("ilora encode hid")) == {"hidden_size="}
-    r = run_cli("--show-completion", "bash", home=ilora_home)
-    assert r.returncode == 0 and "_ILORA_COMPLETE" in r.stdout
+    # typer detects the shell from the parent processes unless told not to, and a suite run detached from a terminal
+    # has none: with detection off, --show-completion takes the shell's name
+    env = dict(os.environ, ILORA_HOME=str(ilora_home), _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "ilora_cli.cli", "--show-completion", "bash"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0 and "_ILORA_COMPLETE" in r.stdout, r.stderr
 
 
 def test_eval_plot_must_be_a_png(ilora_home):

@@ -191,3 +191,25 @@ def test_no_message_carries_markup_the_console_would_print_literally():
     ]
     assert not found, found
     assert tag.search('f"[yellow]note:[/] x"')
+
+
+def test_help_paragraphs_are_joined_so_that_the_terminal_wraps_them():
+    from ilora_cli.settings import paragraphs
+
+    doc = """First line.
+
+    A paragraph written over
+    three lines of the
+    source.
+
+    Another."""
+    assert paragraphs(doc) == "First line.\n\nA paragraph written over three lines of the source.\n\nAnother."
+    assert paragraphs(None) is None
+    r = subprocess.run(
+        [sys.executable, "-m", "ilora_cli.cli", "ablate", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS="100"),
+    )
+    assert "paired test of each cell" in " ".join(r.stdout.split())
+    assert not re.search(r"^\s*of\s*$", r.stdout, re.M)  # the word the source's line break left alone

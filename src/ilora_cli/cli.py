@@ -420,7 +420,8 @@ def recommend(
     json: JsonOpt = False,
     overrides: Overrides = None,
 ) -> None:
-    """Recommend items for users' histories: the encoder retrieves, the LLM reranks (or ranks given candidates)."""
+    """Recommend items for users' histories: the whole catalogue ranked by the run's default (fused) score with the
+    history left out (item head), the encoder's top-N reranked by the LLM (title head), or given candidates ranked."""
     from rich.table import Table
 
     from .config import resolve

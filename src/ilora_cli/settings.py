@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import inspect
 import io
 import tokenize
 from dataclasses import dataclass
@@ -141,12 +142,24 @@ class SettingsCommand(TyperCommand):
 
     config_target: str = ""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = paragraphs(self.help)
+
     def format_help(self, ctx, formatter) -> None:
         super().format_help(ctx, formatter)
         if self.config_target:
             from rich.console import Console
 
             Console().print(settings_table(self.config_target))
+
+
+def paragraphs(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line, so that the help wraps them to the terminal: the line breaks of
+    the source would otherwise stay where they are and leave a word alone on a line."""
+    if not text:
+        return text
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
 
 
 def command_class(command: str) -> type[TyperCommand]:

@@ -141,10 +141,27 @@ def load_backbone(spec: BackboneSpec):
     add_placeholder_tokens(tokenizer, model)
     for p in model.parameters():
         p.requires_grad_(False)
-    if not spec.load_in_4bit:
+    if spec.load_in_4bit:
+        keep_4bit_weights_differentiable(model)
+    else:
         model.to(spec.device)
     check_packed_scoring(model, str(source))
     return model, tokenizer
+
+
+def keep_4bit_weights_differentiable(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on their differentiable matmul on the CPU.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` repacks its weights for a faster kernel (``gemv_4bit``) the first
+    time it runs in eval mode without gradients — as the load-time probe does — and uses that kernel from then on,
+    in training too. It has no backward: the gradient that flows back through each frozen layer is lost, and with
+    it the LoRA gradients of every layer below the last (tests/test_4bit.py). The layers' own switch for that
+    repacking is turned off here."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def check_hub_source(source: str) -> None:

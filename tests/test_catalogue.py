@@ -246,7 +246,7 @@ def test_the_fusion_is_fitted_on_rows_the_language_model_never_trained_on(world)
 
 
 def test_the_fusion_line_says_when_few_rows_were_set_apart():
-    from ilora_cli.training.trainer import FEW_APART_ROWS, _fusion_note
+    from ilora_cli.training.notes import FEW_APART_ROWS, fusion_note
 
     def fit(rows):
         metrics = {k: {"ndcg@10": 0.1} for k in ("fused", "llm", "encoder")}
@@ -258,5 +258,5 @@ def test_the_fusion_line_says_when_few_rows_were_set_apart():
             **{"metrics": metrics},
         }
 
-    assert "are few for two weights" in _fusion_note(fit(5))
-    assert "are few" not in _fusion_note(fit(FEW_APART_ROWS)) and "a = 17.300" in _fusion_note(fit(FEW_APART_ROWS))
+    assert "are few for two weights" in fusion_note(fit(5))
+    assert "are few" not in fusion_note(fit(FEW_APART_ROWS)) and "a = 17.300" in fusion_note(fit(FEW_APART_ROWS))

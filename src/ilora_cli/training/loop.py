@@ -10,7 +10,8 @@ from __future__ import annotations
 from .batches import Prefetcher, build_batch
 from .config import DEFAULT_DISTILL_WEIGHT, DEFAULT_ITEM_EPOCHS, FUSIONS, LABELS, OBJECTIVES, PROMPTS, TrainConfig
 from .loss import batch_loss
-from .trainer import Trainer, ensure_encoder, is_trained_weight, lr_lambda, train, weights_digest
+from .trainer import Trainer, ensure_encoder, lr_lambda, train
+from .weights import is_trained_weight, weights_digest
 
 __all__ = [
     "DEFAULT_DISTILL_WEIGHT",

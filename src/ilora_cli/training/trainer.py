@@ -28,6 +28,8 @@ from .config import TrainConfig, check_validate_at
 from .fusion_fit import ApartRows
 from .identity import check_resume, check_resume_data, data_identity
 from .loss import batch_loss
+from .notes import below_note, fusion_note, hours_or_minutes
+from .weights import weights_digest
 
 _RESUME_HINT = "the last checkpoint is intact: free some space and pass --resume."
 
@@ -537,7 +539,7 @@ class Trainer:
                     err.print(
                         f"≈{per:.1f} s/step: about {(self.total_steps - step) * per / 60:.1f} min left for this run "
                         f"(a full epoch of the {self.holdout['rows']:,} rows it may train on would take "
-                        f"≈{_hours_or_minutes(self.holdout['rows'] / sps)} at this speed)."
+                        f"≈{hours_or_minutes(self.holdout['rows'] / sps)} at this speed)."
                     )
                     estimate_printed = True
                 if main and (step % config.log_every == 0 or step == self.total_steps):
@@ -553,10 +555,10 @@ class Trainer:
         if self.step_count >= self.total_steps:
             self.fusion_fit = validation.fit_apart_fusion(self)
             if self.fusion_fit is not None and self.main:
-                err.print(_fusion_note(self.fusion_fit))
+                err.print(fusion_note(self.fusion_fit))
             self.check = validation.catalogue_check(self)
             if self.check is not None and self.check["below"]:
-                labelled("note", _below_note(self.check))
+                labelled("note", below_note(self.check))
         summary = self.save(train_seconds, done_samples)
         self.accelerator.end_training()
         return summary
@@ -761,37 +763,6 @@ def _encoder_sha256(encoder_dir: Path) -> str:
     return file_sha256(Path(encoder_dir) / "encoder.safetensors")
 
 
-def _below_note(check: dict[str, Any]) -> str:
-    return (
-        f"the default ranking is below the run's own encoder on the {check['split']} catalogue ({check['metric']} "
-        f"{check['default']:.4f} against {check['encoder']:.4f}, p = {check['p_value']:.3g}): what recommend returns "
-        "is ranked worse than the encoder alone would rank it; ilora.json, the card and recommend --json say so."
-    )
-
-
-def _fusion_note(fit: dict[str, Any]) -> str:
-    """The line that says what the fusion fitted on the rows set apart is, and how each ranking does there."""
-    m = fit["metrics"]
-    metric = "ndcg@10" if fit["over"] == "catalogue" else "mrr"
-    weights = fit["weights"]
-    fused = f"a = {weights['llm']:.3f}, b = {weights['encoder']:.3f}; " if weights else ""
-    return (
-        f"Fitted the fusion on the {fit['rows']} rows of the {fit['users']} users set apart ({fused}{metric} over the "
-        f"{fit['over']} there: "
-        + ", ".join(f"{name} {m[name][metric]:.3f}" for name in ("fused", "llm", "encoder") if name in m)
-        + ")."
-        + (
-            f" {fit['rows']} rows are few for two weights: they may follow those users' noise (set more users apart "
-            "with apart_users, or train on more rows)."
-            if fit["rows"] < FEW_APART_ROWS
-            else ""
-        )
-    )
-
-
-FEW_APART_ROWS = 50  # fewer rows set apart than this, and the fusion's line says its weights are uncertain
-
-
 @contextmanager
 def _closing(trainer: Trainer):
     """Stop the trainer's batch prefetching when its loop ends, however it ends."""
@@ -801,27 +772,6 @@ def _closing(trainer: Trainer):
         if trainer.prefetcher is not None:
             trainer.prefetcher.close()
             trainer.prefetcher = None
-
-
-def is_trained_weight(name: str) -> bool:
-    """Whether an :class:`ILoraModel` parameter is one that training changes (and a run saves)."""
-    return "lora_" in name or name.startswith(
-        ("projector.", "user_projector.", "gate.", "token_routers.", "fusion.", "item_head.")
-    )
-
-
-def weights_digest(model) -> str:
-    """SHA-256 over the weights that training changes (LoRA, projector, gate, routers, fusion; name order),
-    to compare processes, runs, or a run with its reloaded copy bit for bit. Chosen by name, not by
-    ``requires_grad``, so that a reloaded (frozen) run hashes the same set."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if is_trained_weight(name):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _truncate_log(log_file: Path, step: int) -> None:
@@ -855,8 +805,3 @@ def _tracker(report_to: str) -> str | None:
         extra = "tensorboard" if report_to == "tensorboard" else "wandb"
         raise UserError(f"--report-to {report_to} needs {extra}: pip install 'ilora[{extra}]'.")
     return report_to
-
-
-def _hours_or_minutes(seconds: float) -> str:
-    """A duration as people say it in a progress note: "1.3 h" from an hour on, else "12 min"."""
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"

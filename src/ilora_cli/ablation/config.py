@@ -101,8 +101,6 @@ class AblateConfig:
     def _check_size(self) -> None:
         """Count the cells before anything expands them; refuse a grid too large to run, or whose cells would
         share a name (values that print alike, such as 0.5 and 0.5000001)."""
-        from .grid import AXES
-
         sizes = {a: len(getattr(self, a)) for a in AXES_ORDER if getattr(self, a) is not None}
         cells = math.prod(sizes.values())
         if cells > MAX_CELLS:
@@ -169,6 +167,17 @@ def default_name(config: AblateConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
+# axis -> (training setting it sets, how a cell name writes its value)
+AXES: dict[str, tuple[str | None, Any]] = {
+    "experts": ("experts", lambda v: f"k{v}"),
+    "gates": ("gate", lambda v: f"gate-{v}"),
+    "encoders": (None, str),
+    "prompts": ("prompt", str),
+    "objectives": ("objective", str),
+    "train_fraction": (None, lambda v: f"users{v:g}"),
+    "seeds": ("seed", lambda v: f"seed{v}"),
+    "candidates": (None, lambda v: f"c{v}"),
+}
 AXES_ORDER = ("experts", "gates", "encoders", "prompts", "objectives", "train_fraction", "seeds", "candidates")
 
 

@@ -12,19 +12,8 @@ from typing import Any
 
 from ..config import resolve
 from ..errors import UserError
-from .config import AXES_ORDER, AblateConfig
+from .config import AXES, AXES_ORDER, AblateConfig
 
-# axis -> (training setting it sets, how a cell name writes its value)
-AXES: dict[str, tuple[str | None, Any]] = {
-    "experts": ("experts", lambda v: f"k{v}"),
-    "gates": ("gate", lambda v: f"gate-{v}"),
-    "encoders": (None, str),
-    "prompts": ("prompt", str),
-    "objectives": ("objective", str),
-    "train_fraction": (None, lambda v: f"users{v:g}"),
-    "seeds": ("seed", lambda v: f"seed{v}"),
-    "candidates": (None, lambda v: f"c{v}"),
-}
 NUMERIC_AXES = ("experts", "train_fraction", "candidates", "seeds")
 EVAL_AXES = ("candidates",)  # axes that change the evaluation only
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from ..console import err, labelled
 from ..report import gate_line
 from .grid import axes_of
+from .layout import run_dir, write_json
 from .significance import ALPHA, TEST_NAME, compare
 
 METRICS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
@@ -19,13 +20,12 @@ CATALOGUE = ("full_hr@10", "full_hr@20", "full_hr@50", "full_ndcg@10", "full_ndc
 TABLE_METRICS = ("hr@1", "mrr", "full_ndcg@10", "full_hr@10")  # sampled, then the catalogue's (item head)
 
 
-def write_results(p, status: dict[str, str], seconds: float) -> dict[str, Any]:
-    """Collect every finished cell, test it against the reference cell, write the files, print the table."""
+def write_results(p, status: dict[str, str], seconds: float, docs: dict, curves: dict) -> dict[str, Any]:
+    """Collect every finished cell (``docs``: each cell's document, None when unfinished; ``curves``: each run's
+    training loss), test it against the reference cell, write the files, print the table."""
     from .plots import write_plots
-    from .runner import _write_json, loss_curves, read_cell
 
     config = p.config
-    docs = {c.name: read_cell(p, c) for c in p.cells}
     ref = docs[p.reference.name]
     cells = [_cell_row(p, c, docs[c.name], ref, status) for c in p.cells]
     doc = {
@@ -54,8 +54,8 @@ def write_results(p, status: dict[str, str], seconds: float) -> dict[str, Any]:
         "unfinished": [c["name"] for c in cells if c["metrics"] is None],
         "wall_minutes": round(seconds / 60, 3),
     }
-    doc["plots"] = write_plots(p.directory / "plots", doc, loss_curves(p))
-    _write_json(p.directory / "results.json", doc)
+    doc["plots"] = write_plots(p.directory / "plots", doc, curves)
+    write_json(p.directory / "results.json", doc)
     tmp = p.directory / ".results.csv.tmp"
     tmp.write_text(results_csv(doc), encoding="utf-8")
     os.replace(tmp, p.directory / "results.csv")
@@ -64,8 +64,6 @@ def write_results(p, status: dict[str, str], seconds: float) -> dict[str, Any]:
 
 
 def _cell_row(p, cell, doc, ref, status) -> dict[str, Any]:
-    from .runner import run_dir
-
     row: dict[str, Any] = {
         "name": cell.name,
         "axes": cell.axes,

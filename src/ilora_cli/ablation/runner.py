@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from ..plots import read_jsonl
 from ..training.identity import differences, identity
 from .config import AblateConfig
 from .grid import Cell, axes_of, expand, reference_cell
+from .layout import cell_file, run_dir, write_json
 
 # Cells checkpoint more often than a single run by default: an interrupted grid loses at most this many steps.
 CHECKPOINT_EVERY = 10
@@ -136,7 +136,8 @@ def run_ablation(config: AblateConfig) -> dict[str, Any]:
         for c in pending:
             status[c.name] = "done"
         _release_memory()
-    return write_results(p, status, time.perf_counter() - t0)
+    docs = {c.name: read_cell(p, c) for c in p.cells}
+    return write_results(p, status, time.perf_counter() - t0, docs, loss_curves(p))
 
 
 def _release_memory() -> None:
@@ -178,7 +179,7 @@ def _claim_directory(p: Plan) -> None:
                 )
     for sub in ("runs", "cells", "logs"):
         (p.directory / sub).mkdir(parents=True, exist_ok=True)
-    _write_json(manifest, doc)
+    write_json(manifest, doc)
 
 
 def _dataset_doc(ds: PreparedDataset | None) -> dict[str, Any] | None:
@@ -195,27 +196,11 @@ def json_doc(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _write_json(path: Path, doc: Any) -> None:
-    from ..console import _json_default
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _by_run(cells: list[Cell]) -> dict[str, list[Cell]]:
     out: dict[str, list[Cell]] = {}
     for c in cells:
         out.setdefault(c.train_key, []).append(c)
     return out
-
-
-def run_dir(p: Plan, cell: Cell) -> Path:
-    return p.directory / "runs" / cell.train_key
-
-
-def cell_file(p: Plan, cell: Cell) -> Path:
-    return p.directory / "cells" / f"{cell.name}.json"
 
 
 # -- data and encoders ------------------------------------------------------------------------------------
@@ -463,7 +448,7 @@ def _evaluate(p: Plan, key: str, cells: list[Cell]) -> None:
             "eval_minutes": round(seconds / 60, 3),
             "cross_domain": report,
         }
-        _write_json(cell_file(p, cell), doc)
+        write_json(cell_file(p, cell), doc)
         err.print(
             f"cell {cell.name}: HR@1 {out['metrics']['hr@1']['mean']:.4f}  MRR {out['metrics']['mrr']['mean']:.4f}"
             f" ({out['ranking']} ranking; {len(split)} rows x {split.candidates.shape[1]} draws)"

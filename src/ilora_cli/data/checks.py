@@ -8,9 +8,12 @@ happened to fit (``draws`` 2 → 1 with 6 → 12 candidates reshapes the same nu
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import UserError
 
@@ -27,6 +30,19 @@ _META = {
     "checksum": (str,),
     "checksums": (dict,),
 }
+
+
+FORMAT_VERSION = 1  # of a prepared dataset's files; a newer one is refused
+
+
+def sha256_arrays(*arrays: np.ndarray) -> str:
+    """The checksum of a split's arrays (dtype, shape and bytes of each), as meta.json records it."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def damaged(path: Path, problem: str) -> UserError:
@@ -54,8 +70,6 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def meta_problem(meta: Any) -> str | None:
     """What is wrong with a ``meta.json`` document, or None."""
-    from .prepared import FORMAT_VERSION
-
     if not isinstance(meta, dict):
         return "meta.json is not a JSON object"
     for key, types in _META.items():
@@ -119,12 +133,10 @@ def _list_sizes(arrow_type) -> list[int]:
 
 def verified(dataset, split):
     """``split`` (a SplitData just read) after checking its arrays against the checksum written with them."""
-    from .prepared import _sha256_arrays
-
     parts = [split.seq, split.len_seq, split.next]
     if split.candidates is not None:
         parts.append(split.candidates)
-    if _sha256_arrays(*parts) != dataset.meta["checksums"][split.name]:
+    if sha256_arrays(*parts) != dataset.meta["checksums"][split.name]:
         raise damaged(dataset.path, f"the {split.name} split does not match its checksum")
     return split
 

@@ -23,12 +23,19 @@ from .. import __version__
 from ..errors import UserError
 from ..home import atomic_directory, dataset_dir
 from .candidates import draw_candidates
-from .checks import check_candidate_table, checked_titles, read_meta, split_table, verified
+from .checks import (
+    FORMAT_VERSION,
+    check_candidate_table,
+    checked_titles,
+    read_meta,
+    sha256_arrays,
+    split_table,
+    verified,
+)
 from .source import MIN_HISTORY, Rows, SourceData, validate_rows
 from .titles import clean_title, disambiguate
 
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -58,15 +65,6 @@ class SplitData:
             self.next[rows],
             None if self.candidates is None else self.candidates[rows],
         )
-
-
-def _sha256_arrays(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _sha256_texts(texts: list[str]) -> str:
@@ -321,4 +319,4 @@ def _write_split(path: Path, split: str, rows: Rows, max_history: int, draw: tup
         feats["candidates"] = Sequence(Sequence(Value("int64"), length=n_candidates), length=draws)
         parts.append(cands)
     Dataset.from_dict(cols, features=Features(feats)).save_to_disk(str(path))
-    return _sha256_arrays(*parts)
+    return sha256_arrays(*parts)

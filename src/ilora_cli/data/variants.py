@@ -26,8 +26,9 @@ import numpy as np
 from ..console import labelled
 from ..errors import UserError
 from .candidates import SPLIT_CODES
+from .checks import sha256_arrays
 from .holdout import train_users
-from .prepared import PreparedDataset, SplitData, _sha256_arrays, history_histogram
+from .prepared import PreparedDataset, SplitData, history_histogram
 
 EXTRA_DIR = "extra_candidates"
 _EXTRA_STREAM = 0xCA4D  # keeps the extra negatives' random stream apart from the stored draws'
@@ -164,7 +165,7 @@ def user_subset(dataset: PreparedDataset, fraction: float, seed: int, out_dir: P
     meta["name"] = f"{dataset.name}-users{fraction:g}"
     meta["splits"]["train"] = len(rows)
     meta["history_lengths"]["train"] = history_histogram(len_seq, dataset.max_history)
-    meta["checksums"]["train"] = _sha256_arrays(seq, len_seq, nxt)
+    meta["checksums"]["train"] = sha256_arrays(seq, len_seq, nxt)
     meta["checksum"] = _sha256_text(json.dumps(meta["checksums"], sort_keys=True))
     meta["derived_from"] = {
         **wanted,

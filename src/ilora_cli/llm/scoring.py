@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .model import ILoraModel
 from .packing import PackedAnswers
 from .prompt import PromptBatch, PromptBuilder
+
+if TYPE_CHECKING:  # the model module imports the heads, which score through this one
+    from .model import ILoraModel
 
 
 def pad_answers(builder: PromptBuilder, items: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

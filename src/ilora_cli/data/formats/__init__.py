@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..prepare import PrepareConfig
     from ..source import SourceData
 
 FORMATS: dict[str, str] = {
@@ -24,6 +23,7 @@ FORMATS: dict[str, str] = {
 }
 
 
-def loader(fmt: str) -> Callable[[PrepareConfig], SourceData]:
+def loader(fmt: str) -> Callable[[Any], SourceData]:
+    """The ``load`` function of a format (it takes the PrepareConfig of data/prepare.py)."""
     module = importlib.import_module(f"{__name__}.{FORMATS[fmt]}")
     return module.load

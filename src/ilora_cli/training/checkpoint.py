@@ -123,3 +123,19 @@ def restore_rng(rng: dict[str, torch.Tensor]) -> None:
     cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def truncate_log(log_file: Path, step: int) -> None:
+    """Keep the log records up to ``step``, written atomically."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # the half-written last line of a killed process
+    tmp = log_file.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    tmp.replace(log_file)

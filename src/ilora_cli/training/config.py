@@ -130,35 +130,7 @@ class TrainConfig:
             raise UserError(f"Unknown prompt {self.prompt!r}; choose hybrid or text.")
         if self.templates not in TEMPLATE_SETS:
             raise UserError(f"Unknown template set {self.templates!r}; choose one of: {', '.join(TEMPLATE_SETS)}.")
-        if self.head not in HEADS:
-            raise UserError(f"Unknown head {self.head!r}; choose title or item.")
-        if self.query not in QUERIES:
-            raise UserError(f"Unknown query {self.query!r}; choose one of: {', '.join(QUERIES)}.")
-        if self.query == "residual" and self.head != "item":
-            raise UserError("query=residual forms the item head's query; it needs head=item.")
-        if self.head_init not in HEAD_INITS:
-            raise UserError(f"Unknown head_init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}.")
-        if self.query == "residual" and self.head_init == "fit":
-            raise UserError(
-                "head_init=fit maps the hidden state onto the encoder's user representation, which query=residual "
-                "already adds; use head_init=zeros (the residual query's default) or random."
-            )
-        if self.projector_norm not in PROJECTOR_NORMS:
-            raise UserError(f"projector_norm must be none or token; got {self.projector_norm!r}.")
-        if self.loss_over not in LOSSES:
-            raise UserError(f"loss_over must be one of {', '.join(LOSSES)}; got {self.loss_over!r}.")
-        if self.loss_over != "candidates" and self.head != "item":
-            raise UserError(f"loss_over={self.loss_over} scores every item, which only the item head does (head=item).")
-        if self.negative_sampling not in SAMPLINGS:
-            raise UserError(f"negative_sampling must be uniform or popularity; got {self.negative_sampling!r}.")
-        if self.negative_sampling == "popularity" and self.hard_negatives > 0:
-            raise UserError("negative_sampling=popularity and hard_negatives draw the same negatives; choose one.")
-        if self.label not in LABELS:
-            raise UserError(f"label must be next or encoder; got {self.label!r}.")
-        if self.label != "next" and self.objective != "rank":
-            raise UserError("label=encoder picks one of the candidates: it needs the rank objective.")
-        if self.head == "item" and self.objective != "rank":
-            raise UserError("The item head scores items, not text: it trains with the rank objective, not generate.")
+        self._check_head_settings()
         self._resolve_objective_defaults()
         if self.user_token and (self.prompt != "hybrid" or self.templates != "compact"):
             raise UserError("user_token needs the hybrid prompt and the compact templates (templates=compact).")
@@ -202,6 +174,38 @@ class TrainConfig:
             check_name(self.name, "run name")
         if self.holdout is not None:
             self.holdout = Holdout.parse(self.holdout).spec
+
+    def _check_head_settings(self) -> None:
+        """The head and what depends on it: its query, initialisation, softmax, negatives and label."""
+        if self.head not in HEADS:
+            raise UserError(f"Unknown head {self.head!r}; choose title or item.")
+        if self.query not in QUERIES:
+            raise UserError(f"Unknown query {self.query!r}; choose one of: {', '.join(QUERIES)}.")
+        if self.query == "residual" and self.head != "item":
+            raise UserError("query=residual forms the item head's query; it needs head=item.")
+        if self.head_init not in HEAD_INITS:
+            raise UserError(f"Unknown head_init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}.")
+        if self.query == "residual" and self.head_init == "fit":
+            raise UserError(
+                "head_init=fit maps the hidden state onto the encoder's user representation, which query=residual "
+                "already adds; use head_init=zeros (the residual query's default) or random."
+            )
+        if self.projector_norm not in PROJECTOR_NORMS:
+            raise UserError(f"projector_norm must be none or token; got {self.projector_norm!r}.")
+        if self.loss_over not in LOSSES:
+            raise UserError(f"loss_over must be one of {', '.join(LOSSES)}; got {self.loss_over!r}.")
+        if self.loss_over != "candidates" and self.head != "item":
+            raise UserError(f"loss_over={self.loss_over} scores every item, which only the item head does (head=item).")
+        if self.negative_sampling not in SAMPLINGS:
+            raise UserError(f"negative_sampling must be uniform or popularity; got {self.negative_sampling!r}.")
+        if self.negative_sampling == "popularity" and self.hard_negatives > 0:
+            raise UserError("negative_sampling=popularity and hard_negatives draw the same negatives; choose one.")
+        if self.label not in LABELS:
+            raise UserError(f"label must be next or encoder; got {self.label!r}.")
+        if self.label != "next" and self.objective != "rank":
+            raise UserError("label=encoder picks one of the candidates: it needs the rank objective.")
+        if self.head == "item" and self.objective != "rank":
+            raise UserError("The item head scores items, not text: it trains with the rank objective, not generate.")
 
     def _check_ranges(self) -> None:
         """Every number where it makes sense (NaN and infinities nowhere): one sentence for the first that does not."""

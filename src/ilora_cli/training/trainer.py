@@ -24,12 +24,13 @@ from ..errors import UserError
 from ..home import append_json_line, check_replaceable
 from . import gate_stats, validation
 from .batches import Prefetcher, build_batch
+from .checkpoint import truncate_log
 from .config import TrainConfig, check_validate_at
 from .fusion_fit import ApartRows
 from .identity import check_resume, check_resume_data, data_identity
 from .loss import batch_loss
 from .notes import below_note, fusion_note, hours_or_minutes
-from .weights import weights_digest
+from .weights import encoder_sha256, weights_digest
 
 _RESUME_HINT = "the last checkpoint is intact: free some space and pass --resume."
 
@@ -166,7 +167,7 @@ class Trainer:
         self.encoder, self.enc_info = encoder, enc_info
         self.split = self.dataset.split("train")
         rows, self.holdout = second_stage_rows(self.dataset, enc_info, config.holdout)
-        self.data_identity = data_identity(self.dataset, _encoder_sha256(Path(enc_info["path"])), self.holdout["spec"])
+        self.data_identity = data_identity(self.dataset, encoder_sha256(Path(enc_info["path"])), self.holdout["spec"])
         if self.holdout["encoder_saw_training_rows"] and self.main:
             labelled(
                 "note",
@@ -333,7 +334,7 @@ class Trainer:
         before = ck["state"].get("data")
         if not isinstance(before, dict):  # a checkpoint of an older version: the run's copy of its encoder
             copy = self.run_dir / "encoder" / "encoder.safetensors"
-            before = {"encoder_sha256": _encoder_sha256(copy.parent)} if copy.is_file() else {}
+            before = {"encoder_sha256": encoder_sha256(copy.parent)} if copy.is_file() else {}
         check_resume_data(self.run_dir, before, self.data_identity)
         self._apply_checkpoint(ck, path)
 
@@ -388,7 +389,7 @@ class Trainer:
             scaler.load_state_dict(self.scaler_state)
         if self.main and self.resumed_from:
             for log in (self.log_file, run_dir / "logs" / "validation.jsonl"):
-                _truncate_log(log, self.step_count)  # steps logged after the checkpoint are run again
+                truncate_log(log, self.step_count)  # steps logged after the checkpoint are run again
             best = self.best()
             if best is not None and best["step"] > self.step_count:
                 shutil.rmtree(validation.best_dir(self))  # it competes again when its step is run again
@@ -757,12 +758,6 @@ class Trainer:
         }
 
 
-def _encoder_sha256(encoder_dir: Path) -> str:
-    from .run import file_sha256
-
-    return file_sha256(Path(encoder_dir) / "encoder.safetensors")
-
-
 @contextmanager
 def _closing(trainer: Trainer):
     """Stop the trainer's batch prefetching when its loop ends, however it ends."""
@@ -772,22 +767,6 @@ def _closing(trainer: Trainer):
         if trainer.prefetcher is not None:
             trainer.prefetcher.close()
             trainer.prefetcher = None
-
-
-def _truncate_log(log_file: Path, step: int) -> None:
-    """Keep the log records up to ``step``, written atomically."""
-    if not log_file.is_file():
-        return
-    kept = []
-    for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # the half-written last line of a killed process
-    tmp = log_file.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-    tmp.replace(log_file)
 
 
 def _targets(spec: str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def is_trained_weight(name: str) -> bool:
     """Whether an :class:`ILoraModel` parameter is one that training changes (and a run saves)."""
@@ -22,3 +24,10 @@ def weights_digest(model) -> str:
             h.update(name.encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def encoder_sha256(encoder_dir: Path) -> str:
+    """The SHA-256 of an encoder directory's weights file (what a run was trained with)."""
+    from .run import file_sha256
+
+    return file_sha256(Path(encoder_dir) / "encoder.safetensors")

@@ -205,6 +205,22 @@ def encode(
         print_json(result)
 
 
+def _resumed_config(cfg, flags: dict, overrides):
+    """A resumed run continues with the configuration it was started with (its config.yaml), plus what is given
+    now; an earlier --stop-after does not stop it again unless given again."""
+    from .config import parse_overrides, resolve
+    from .training.config import TrainConfig
+
+    saved = cfg.run_directory() / "config.yaml"
+    if not saved.is_file():
+        return cfg
+    cfg = resolve(TrainConfig, saved, flags, overrides)
+    cfg.resume, cfg.overwrite = True, False
+    if flags.get("stop_after") is None and "stop_after" not in parse_overrides(overrides):
+        cfg.stop_after = None
+    return cfg
+
+
 @app.command(cls=command_class("train"))
 def train(
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset name (or path).")] = None,
@@ -234,7 +250,8 @@ def train(
         bool,
         typer.Option(
             "--keep-best",
-            help="Keep the checkpoint of the best val MRR and finish the run with it (needs validate_every=N).",
+            help="Keep the checkpoint that validated best and finish the run with it (catalogue NDCG@10 for the item "
+            "head, chosen on the users set apart when there are any; needs validate_every=N).",
         ),
     ] = False,
     report_to: Annotated[
@@ -252,7 +269,7 @@ def train(
 
     Runs on one process, or as DDP under `accelerate launch` / `torchrun` (same command line).
     """
-    from .config import parse_overrides, resolve
+    from .config import resolve
     from .training.config import TrainConfig
     from .training.trainer import train as run_train
 
@@ -282,13 +299,7 @@ def train(
     )
     cfg = resolve(TrainConfig, config, flags, overrides)
     if cfg.resume and config is None:
-        # A resumed run continues with the configuration it was started with, plus what is given now.
-        saved = cfg.run_directory() / "config.yaml"
-        if saved.is_file():
-            cfg = resolve(TrainConfig, saved, flags, overrides)
-            cfg.resume, cfg.overwrite = True, False
-            if stop_after is None and "stop_after" not in parse_overrides(overrides):
-                cfg.stop_after = None  # an earlier --stop-after must not stop the resumed run again
+        cfg = _resumed_config(cfg, flags, overrides)
     if print_config:
         _print_config(cfg)
     result = run_train(cfg)
@@ -554,16 +565,8 @@ def ablate(
     from .console import print_json
 
     if analysis is not None:
-        from .ablation.analysis import analysis_config, gradient_conflict
-
-        if analysis != "gradient-conflict":
-            raise UserError(f"Unknown analysis {analysis!r}; the one available is gradient-conflict.")
-        cfg = analysis_config(
-            config,
-            dict(run=run, baseline=baseline, dataset=dataset, output=output, overwrite=_flag(overwrite), seed=seed),
-            overrides,
-        )
-        result = gradient_conflict(cfg)
+        flags = dict(run=run, baseline=baseline, dataset=dataset, output=output, overwrite=_flag(overwrite), seed=seed)
+        result = _analysis(analysis, config, flags, overrides)
     else:
         from .ablation.config import resolve_ablation
         from .ablation.runner import run_ablation
@@ -598,6 +601,15 @@ def ablate(
             print_plan(result)
     if json:
         print_json(result)
+
+
+def _analysis(analysis: str, config, flags: dict, overrides):
+    """``ablate --analysis NAME``: the gradient-conflict analysis of a run against its baseline."""
+    from .ablation.analysis import analysis_config, gradient_conflict
+
+    if analysis != "gradient-conflict":
+        raise UserError(f"Unknown analysis {analysis!r}; the one available is gradient-conflict.")
+    return gradient_conflict(analysis_config(config, flags, overrides))
 
 
 def _optional_values(argv: list[str]) -> list[str]:

@@ -465,16 +465,9 @@ def create_app(service: Service, api_key: str | None = None, on_fatal=None) -> F
         summary="Recommendations for several users (at most max_users).",
     )
     async def recommend_batch(body: BatchRequest) -> Response:
-        if not service.ready:
-            return _unavailable()
-        if not body.users:
-            return _error(422, "users lists nobody; give at least one user.")
-        if len(body.users) > service.config.max_users:
-            return _error(
-                422,
-                f"users lists {len(body.users)} users; this server takes at most "
-                f"{service.config.max_users} per request.",
-            )
+        refused = _batch_refused(service, body)
+        if refused is not None:
+            return refused
         slots = [_user_job(service, i, user) for i, user in enumerate(body.users)]
         jobs = [s for s in slots if not isinstance(s, dict)]
 
@@ -490,6 +483,21 @@ def create_app(service: Service, api_key: str | None = None, on_fatal=None) -> F
 
     _add_middleware(app, service, metrics, api_key)
     return app
+
+
+def _batch_refused(service: Service, body: BatchRequest) -> Response | None:
+    """The answer to a batch refused as a whole (the server still loading, nobody or too many users), else None:
+    a problem with one user is answered in that user's place."""
+    if not service.ready:
+        return _unavailable()
+    if not body.users:
+        return _error(422, "users lists nobody; give at least one user.")
+    if len(body.users) > service.config.max_users:
+        return _error(
+            422,
+            f"users lists {len(body.users)} users; this server takes at most {service.config.max_users} per request.",
+        )
+    return None
 
 
 def _answer_errors_in_one_sentence(app: FastAPI) -> None:

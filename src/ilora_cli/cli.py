@@ -221,6 +221,21 @@ def _resumed_config(cfg, flags: dict, overrides):
     return cfg
 
 
+def _given(values: dict, names: list[str]) -> dict:
+    """The settings a command's options give (``values``: its ``locals()``), switches only when set (:func:`_flag`)."""
+    return {n: _flag(values[n]) if isinstance(values[n], bool) else values[n] for n in names}
+
+
+TRAIN_FLAGS = (
+    "dataset experts gate prompt objective head backbone load_in_4bit dtype encoder name epochs "
+    "max_steps max_train_samples batch_size resume stop_after keep_best report_to output overwrite seed"
+).split()  # train's options that are settings
+ABLATE_FLAGS = (
+    "dataset eval_dataset experts gates encoders prompts objectives candidates train_fraction "
+    "seeds reference split name output overwrite dry_run seed"
+).split()  # ablate's options that are settings
+
+
 @app.command(cls=command_class("train"))
 def train(
     dataset: Annotated[str | None, typer.Option(help="Prepared dataset name (or path).")] = None,
@@ -273,30 +288,7 @@ def train(
     from .training.config import TrainConfig
     from .training.trainer import train as run_train
 
-    flags = dict(
-        dataset=dataset,
-        experts=experts,
-        gate=gate,
-        prompt=prompt,
-        objective=objective,
-        head=head,
-        backbone=backbone,
-        load_in_4bit=_flag(load_in_4bit),
-        dtype=dtype,
-        encoder=encoder,
-        name=name,
-        epochs=epochs,
-        max_steps=max_steps,
-        max_train_samples=max_train_samples,
-        batch_size=batch_size,
-        resume=_flag(resume),
-        stop_after=stop_after,
-        keep_best=_flag(keep_best),
-        report_to=report_to,
-        output=output,
-        overwrite=_flag(overwrite),
-        seed=seed,
-    )
+    flags = _given(locals(), TRAIN_FLAGS)
     cfg = resolve(TrainConfig, config, flags, overrides)
     if cfg.resume and config is None:
         cfg = _resumed_config(cfg, flags, overrides)
@@ -575,25 +567,7 @@ def ablate(
             raise UserError("--run and --baseline belong to --analysis gradient-conflict.")
         if dataset is not None and train_dataset is not None and dataset != train_dataset:
             raise UserError("--dataset and --train-dataset name the same thing; pass one of them.")
-        flags = dict(
-            dataset=dataset or train_dataset,
-            eval_dataset=eval_dataset,
-            experts=experts,
-            gates=gates,
-            encoders=encoders,
-            prompts=prompts,
-            objectives=objectives,
-            candidates=candidates,
-            train_fraction=train_fraction,
-            seeds=seeds,
-            reference=reference,
-            split=split,
-            name=name,
-            output=output,
-            overwrite=_flag(overwrite),
-            dry_run=_flag(dry_run),
-            seed=seed,
-        )
+        flags = _given(locals(), ABLATE_FLAGS) | {"dataset": dataset or train_dataset}
         result = run_ablation(resolve_ablation(config, flags, overrides))
         if result.get("dry_run"):
             from .ablation.report import print_plan
